@@ -1,0 +1,42 @@
+"""imm_fast: Inductive Moment Matching with fused kernels.
+
+Public API: train, sample, mmd_loss, load_official, and the config dataclasses. Importing imm_fast imports
+neither triton nor a compiler; heavy modules load on first use.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "train", "sample", "mmd_loss", "load_official", "build_model",
+    "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "SampleConfig", "PRESETS",
+]
+
+_LAZY = {
+    "train": ("imm_fast.train", "train"),
+    "sample": ("imm_fast.sampling", "sample"),
+    "mmd_loss": ("imm_fast.ops.mmd", "mmd_loss"),
+    "load_official": ("imm_fast.checkpoint", "load_official"),
+    "build_model": ("imm_fast.models", "build_model"),
+    "ModelConfig": ("imm_fast.config", "ModelConfig"),
+    "LossConfig": ("imm_fast.config", "LossConfig"),
+    "DataConfig": ("imm_fast.config", "DataConfig"),
+    "TrainConfig": ("imm_fast.config", "TrainConfig"),
+    "SampleConfig": ("imm_fast.config", "SampleConfig"),
+    "PRESETS": ("imm_fast.config", "PRESETS"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'imm_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
