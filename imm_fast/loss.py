@@ -67,7 +67,7 @@ def drop_labels(labels, mask, label_dim):
     """Labels with the rows in `mask` replaced by the null class (id label_dim / an all-zero one-hot row)."""
     if labels is None or mask is None:
         return labels
-    if labels.is_floating_point():
+    if labels.is_floating_point() or labels.dim() > 1:  # one-hot rows
         return labels * (~mask).to(labels.dtype).reshape(-1, *([1] * (labels.dim() - 1)))
     return torch.where(mask, torch.full_like(labels, label_dim), labels)
 

@@ -56,6 +56,8 @@ class IMM(nn.Module):
         if f_type == "euler_fm" and noise_schedule != "fm":
             raise ValueError("f_type='euler_fm' needs noise_schedule='fm'")
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
+        # The network runs in float32 as the authors' (autocast on top); tests set float64 to check gradients.
+        self.compute_dtype = torch.float32
         self.mixed_precision = _PRECISIONS[mixed_precision]
         self.use_mixed_precision = mixed_precision is not None
         self.noise_schedule, self.f_type, self.temb_type = noise_schedule, f_type, temb_type
@@ -73,26 +75,26 @@ class IMM(nn.Module):
 
     # -- labels --------------------------------------------------------------------------------------------------
     def prepare_labels(self, class_labels, n, device):
-        """None / int ids (N,) / one-hot rows (N, label_dim) -> float32 (N, label_dim) rows, or None if unconditional.
+        """None / integer ids (N,) / one-hot rows (N, label_dim), any dtype -> float32 (N, label_dim) rows, or None if unconditional.
 
         The id label_dim (and an all-zero row) is the null class.
         """
         if self.label_dim == 0:
             return None
         if class_labels is None:
-            return torch.zeros(n, self.label_dim, device=device)
+            return torch.zeros(n, self.label_dim, device=device, dtype=self.compute_dtype)
         if not isinstance(class_labels, torch.Tensor):
             class_labels = torch.as_tensor(class_labels, device=device)
-        if not class_labels.is_floating_point():
+        if not class_labels.is_floating_point() and class_labels.dim() <= 1:  # integer ids; rows are one-hot
             ids = class_labels.reshape(-1).long()
             if ids.numel() and (ids.min() < 0 or ids.max() > self.label_dim):
                 raise ValueError(f"class_labels must be ids in [0, {self.label_dim}] ({self.label_dim} = null class), "
                                  f"got range [{ids.min().item()}, {ids.max().item()}]")
-            return F.one_hot(ids, self.label_dim + 1)[:, : self.label_dim].to(torch.float32)
+            return F.one_hot(ids, self.label_dim + 1)[:, : self.label_dim].to(self.compute_dtype)
         if class_labels.numel() % self.label_dim:
             raise ValueError(f"class_labels as rows must have label_dim={self.label_dim} columns, "
                              f"got shape {tuple(class_labels.shape)}")
-        return class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        return class_labels.to(self.compute_dtype).reshape(-1, self.label_dim)
 
     # -- network and output functions ----------------------------------------------------------------------------
     def forward_model(self, x, t, s, class_labels=None, force_fp32=False):
@@ -129,8 +131,9 @@ class IMM(nn.Module):
             t_in = t_in.repeat(2) if t_in.numel() > 1 else t_in
             s_in = s_in.repeat(2) if s_in.numel() > 1 else s_in
         bshape = (-1,) + (1,) * (x.dim() - 1)
-        F_x = self.forward_model(x_in.to(torch.float32), t_in.to(torch.float32).reshape(bshape),
-                                 s_in.to(torch.float32).reshape(bshape), labels, force_fp32).to(dtype)
+        cd = self.compute_dtype
+        F_x = self.forward_model(x_in.to(cd), t_in.to(cd).reshape(bshape), s_in.to(cd).reshape(bshape), labels,
+                                 force_fp32).to(dtype)
         if cfg_scale is not None:
             F_u, F_c = F_x[:n], F_x[n:]
             F_x = F_u + cfg_scale * (F_c - F_u)

@@ -1,0 +1,148 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+import imm_fast
+from imm_fast.checkpoint import UnsafeCheckpointError, save_model
+from imm_fast.config import ModelConfig
+from imm_fast.models import build_model
+
+from _official_format import write_official_pickle
+
+
+def random_model(**kw):
+    base = dict(img_resolution=8, img_channels=4, label_dim=6, patch_size=2, hidden_size=32, depth=2, num_heads=4)
+    base.update(kw)
+    m = build_model(ModelConfig(**base))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    return m.eval()
+
+
+def authors_kwargs(m, **extra):
+    """Init kwargs as the authors' IMMPrecond records them (their DiT keeps num_classes=1000 unless told)."""
+    kw = {k: v for k, v in m.init_kwargs.items() if k != "fused"}
+    kw.update(extra)
+    return kw
+
+
+def same_outputs(a, b):
+    x = torch.randn(3, a.img_channels, a.img_resolution, a.img_resolution, dtype=torch.float64) * 0.5
+    lab = torch.tensor([0, 2, a.label_dim]) if a.label_dim else None
+    t, s = torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.35, dtype=torch.float64)
+    torch.testing.assert_close(b(x, t, s, class_labels=lab), a(x, t, s, class_labels=lab), rtol=0, atol=0)
+    if a.label_dim:
+        torch.testing.assert_close(b(x, t, s, class_labels=lab, cfg_scale=1.5), a(x, t, s, class_labels=lab, cfg_scale=1.5),
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", [dict(f_type="euler_fm", temb_type="stride", eps=0.0),
+                                     dict(f_type="simple_edm", temb_type="identity", eps=0.006, qk_norm=True),
+                                     dict(f_type="identity", temb_type="identity", eps=0.006)])
+def test_loads_authors_pickle_format(tmp_path, monkeypatch, variant):
+    m = random_model(**variant)
+    path = tmp_path / "ckpt.pkl"
+    marker = tmp_path / "executed"
+    write_official_pickle(path, m, authors_kwargs(m), monkeypatch,
+                          module_src=f"open({str(marker)!r}, 'w').write('stored source was executed')")
+    loaded = imm_fast.load_official(path)
+    assert not marker.exists()
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    same_outputs(m, loaded)
+
+
+def test_authors_pickle_with_model_type_name(tmp_path, monkeypatch):
+    """model_type 'DiT_S_4' selects the S sizes as the authors' class does (with its 1001-row label table, as
+    their DiT keeps num_classes=1000); kwargs their DiT ignores are ignored here too, with a warning."""
+    from imm_fast.models import IMM
+
+    kw = dict(img_resolution=8, img_channels=4, label_dim=10, model_type="DiT_S_4", s_embed=True, f_type="euler_fm",
+              temb_type="stride", noise_schedule="fm", sigma_data=0.5, T=0.994, eps=0.0, time_scale=1000)
+    m = IMM(**kw)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    m.eval()
+    assert m.model.y_embedder.embedding_table.weight.shape[0] == 1001
+    assert m.model.blocks[0].attn.num_heads == 6 and len(m.model.blocks) == 12
+    path = tmp_path / "ckpt.pkl"
+    write_official_pickle(path, m, {**kw, "unused_unet_option": 3}, monkeypatch)
+    with pytest.warns(UserWarning, match="unused_unet_option"):
+        loaded = imm_fast.load_official(path)
+    same_outputs(m, loaded)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_refuses_a_malicious_pickle(tmp_path):
+    path = tmp_path / "evil.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"ema": _Evil()}, f)
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        imm_fast.load_official(path)
+
+
+def test_refuses_builtins_eval(tmp_path):
+    class Evil2:
+        def __reduce__(self):
+            return (eval, ("__import__('os').getcwd()",))
+
+    path = tmp_path / "evil2.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"ema": Evil2()}, f)
+    with pytest.raises(UnsafeCheckpointError, match="eval"):
+        imm_fast.load_official(path)
+
+
+def test_own_safetensors_round_trip(tmp_path):
+    m = random_model(f_type="simple_edm", temb_type="identity", eps=0.006)
+    p = save_model(tmp_path / "m.safetensors", m)
+    loaded = imm_fast.load_official(p)
+    same_outputs(m, loaded)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_run_directory_prefers_ema(tmp_path):
+    m = random_model()
+    ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in m.state_dict().items()}
+    save_model(tmp_path / "model.safetensors", m)
+    save_model(tmp_path / "ema.safetensors", m, ema)
+    loaded = imm_fast.load_official(tmp_path)
+    torch.testing.assert_close(loaded.state_dict()["model.pos_embed"], ema["model.pos_embed"])
+
+
+def test_plain_state_dict_with_inferred_architecture(tmp_path):
+    m = random_model(label_dim=6)
+    sd = {k[len("model."):]: v for k, v in m.state_dict().items()}  # a bare DiT state dict
+    torch.save(sd, tmp_path / "dit.pt")
+    loaded = imm_fast.load_official(tmp_path / "dit.pt", model_kwargs=dict(num_heads=4, f_type="euler_fm",
+                                                                            temb_type="stride"))
+    same_outputs(m, loaded)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="path="):
+        imm_fast.load_official(tmp_path / "nope.pkl")
+    bad = tmp_path / "bad.pkl"
+    m = random_model()
+    p = save_model(tmp_path / "m.safetensors", m)
+    bad.write_bytes(b"\x80\x04" + p.read_bytes()[:50])
+    with pytest.raises(ValueError):
+        imm_fast.load_official(bad)
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ValueError, match="safetensors"):
+        imm_fast.load_official(trunc)
+
+
+def test_save_model_needs_an_imm_model(tmp_path):
+    with pytest.raises(TypeError, match="model"):
+        save_model(tmp_path / "x.safetensors", torch.nn.Linear(2, 2))
