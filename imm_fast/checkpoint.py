@@ -152,8 +152,21 @@ _SAFE_GLOBALS = {
     ("builtins", "frozenset"): frozenset,
     ("builtins", "object"): object,
 }
-if hasattr(torch._utils, "_rebuild_tensor_v3"):
-    _SAFE_GLOBALS[("torch._utils", "_rebuild_tensor_v3")] = torch._utils._rebuild_tensor_v3
+for _name in ("_rebuild_tensor_v3", "_rebuild_parameter_with_state"):
+    if hasattr(torch._utils, _name):
+        _SAFE_GLOBALS[("torch._utils", _name)] = getattr(torch._utils, _name)
+
+
+def _numpy_globals():
+    """numpy scalars in stored init kwargs (e.g. a float64 T): data-only constructors."""
+    import numpy as np
+
+    scalar = getattr(np, "_core", np.core).multiarray.scalar
+    return {("numpy.core.multiarray", "scalar"): scalar, ("numpy._core.multiarray", "scalar"): scalar,
+            ("numpy", "dtype"): np.dtype}
+
+
+_SAFE_GLOBALS.update(_numpy_globals())
 # Module classes the authors' modules are made of: replaced by inert records, never imported.
 _RECORD_MODULE_PREFIXES = ("torch.nn.modules.", "timm.", "training.", "torch_utils.")
 
@@ -243,7 +256,9 @@ def build_from_kwargs(init_kwargs, state_dict, device="cpu", fused=None):
     """
     from .models.imm import IMM
 
-    kw = dict(init_kwargs)
+    import numpy as np
+
+    kw = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in init_kwargs.items()}
     allowed = _imm_parameters() | _dit_parameters() | {"skip"}
     ignored = sorted(k for k in kw if k not in allowed)
     for k in ignored:

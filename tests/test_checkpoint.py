@@ -47,12 +47,15 @@ def test_loads_authors_pickle_format(tmp_path, monkeypatch, variant):
     m = random_model(**variant)
     path = tmp_path / "ckpt.pkl"
     marker = tmp_path / "executed"
-    write_official_pickle(path, m, authors_kwargs(m), monkeypatch,
+    import numpy as np
+
+    write_official_pickle(path, m, authors_kwargs(m, T=np.float64(0.994)), monkeypatch,
                           module_src=f"open({str(marker)!r}, 'w').write('stored source was executed')")
     loaded = imm_fast.load_official(path)
     assert not marker.exists()
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     same_outputs(m, loaded)
+    save_model(tmp_path / "again.safetensors", loaded)  # numpy scalars became JSON-able floats
 
 
 def test_authors_pickle_with_model_type_name(tmp_path, monkeypatch):

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The one device run (H100/H200): build, CUDA tests, GPU benchmarks, one table. Budget: under 9 minutes.
+# Usage on the device machine, from the repo root:  bash benchmarks/device_check.sh
+# Results land in $OUT (the device tool's folder) or /tmp/imm_fast_device: bench.json, table.md, logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/imm_fast_device}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 IMM_FAST_BENCH_QUICK=${IMM_FAST_BENCH_QUICK:-1}
+unset TRITON_INTERPRET IMM_FAST_BACKEND
+start=$(date +%s)
+stamp() { echo "== $1 ($(( $(date +%s) - start )) s)"; }
+
+stamp "versions"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python -c "import torch, triton, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+stamp "install (builds the CUDA extension)"
+pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "install failed"; tail -30 "$OUT/install.log"; }
+
+stamp "GPU tests"
+timeout 200 python -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+
+stamp "GPU benchmarks"
+timeout 300 python -m pytest benchmarks -k "not cpu" -q -p no:cacheprovider \
+    --benchmark-json="$OUT/bench.json" --benchmark-min-time=0.05 --benchmark-max-time=0.5 \
+    --benchmark-columns=median,ops 2>&1 | tee "$OUT/bench.log" | grep -E "passed|failed|error|skipped" | tail -5
+
+stamp "profile of one XL/2 training step"
+timeout 60 python benchmarks/profile_train_step.py >"$OUT/profile.txt" 2>&1; head -40 "$OUT/profile.txt"
+
+stamp "table"
+[ -f "$OUT/bench.json" ] && python benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/table.md"
+stamp "done"
