@@ -6,7 +6,6 @@ from measurements), falling back to the pure-torch reference ("torch").
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -16,10 +15,18 @@ import torch
 BACKENDS = ("torch", "triton", "cpp", "cuda")
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_TRITON = None
+
+
 def has_triton() -> bool:
-    """Triton importable (never imported by `import imm_fast`)."""
-    return importlib.util.find_spec("triton") is not None
+    """Triton importable (never imported by `import imm_fast`); looked up once."""
+    global _HAS_TRITON
+    if _HAS_TRITON is None:
+        try:
+            _HAS_TRITON = importlib.util.find_spec("triton") is not None
+        except (ImportError, ValueError):
+            _HAS_TRITON = False
+    return _HAS_TRITON
 
 
 def triton_interpret() -> bool:
@@ -47,9 +54,10 @@ def requested(backend, allowed):
     check_backend(backend, allowed)
     if backend is None:
         env = os.environ.get("IMM_FAST_BACKEND") or None
-        if env is not None and env not in allowed:
-            raise ValueError(f"IMM_FAST_BACKEND={env!r} is not one of {tuple(allowed)}")
-        backend = env
+        if env is not None and env not in BACKENDS:
+            raise ValueError(f"IMM_FAST_BACKEND={env!r} is not one of {BACKENDS}")
+        # One variable steers every op: an op without that backend (attention has no "cpp") picks automatically.
+        backend = env if env in allowed else None
     return backend
 
 

@@ -1,11 +1,26 @@
 """DiT self-attention from the packed QKV projection.
 
 Shapes: B batch, T tokens, H heads, Dh head dim, C = H*Dh. qkv (B, T, 3*C) laid out as (3, H, Dh) per token.
+The fused path (kernels/attention.py) reads q, k, v straight from qkv and writes (B, T, C): no permute copies.
 """
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+# Auto dispatch on CUDA: (Dh, dtype) -> "triton" or "torch" (SDPA), whichever was measured faster for the whole
+# forward+backward step (`python benchmarks/bench_attention.py --table` prints these entries). Device numbers are
+# pending (no GPU in the task that wrote the kernel), so every entry is the conservative "torch" until measured:
+# never a slower default.
+_CUDA_TABLE = {
+    (64, torch.bfloat16): "torch",
+    (64, torch.float16): "torch",
+    (72, torch.bfloat16): "torch",
+    (72, torch.float16): "torch",
+}
 
 
 def attention_ref(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5):
@@ -26,8 +41,128 @@ def attention_ref(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5):
     return o.transpose(1, 2).reshape(B, T, C)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Custom ops (so torch.compile traces the fused path as one opaque node each way)
+
+@torch.library.custom_op("imm_fast::attention_fwd", mutates_args=())
+def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, qw: Optional[torch.Tensor], qb: Optional[torch.Tensor],
+                      kw: Optional[torch.Tensor], kb: Optional[torch.Tensor], scale: float,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels.attention import attention_fwd
+
+    norm = None if qw is None else (qw, qb, kw, kb)
+    return attention_fwd(qkv, num_heads, norm, scale, eps)
+
+
+@_attention_fwd_op.register_fake
+def _(qkv, num_heads, qw, qb, kw, kb, scale, eps):
+    B, T, C3 = qkv.shape
+    return qkv.new_empty((B, T, C3 // 3)), qkv.new_empty((B, num_heads, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("imm_fast::attention_bwd", mutates_args=())
+def _attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
+                      qw: Optional[torch.Tensor], qb: Optional[torch.Tensor], kw: Optional[torch.Tensor],
+                      kb: Optional[torch.Tensor], scale: float, eps: float) -> list[torch.Tensor]:
+    """[dqkv] without qk-norm, [dqkv, dqw, dqb, dkw, dkb] (fp32) with it."""
+    from ..kernels.attention import attention_bwd
+
+    norm = None if qw is None else (qw, qb, kw, kb)
+    grads = attention_bwd(do, qkv, o, lse, num_heads, norm, scale, eps)
+    return list(grads) if norm is not None else [grads[0]]
+
+
+@_attention_bwd_op.register_fake
+def _(do, qkv, o, lse, num_heads, qw, qb, kw, kb, scale, eps):
+    out = [qkv.new_empty(qkv.shape)]  # contiguous, as the kernel writes it
+    if qw is not None:
+        out += [qkv.new_empty((qw.shape[0],), dtype=torch.float32) for _ in range(4)]
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, num_heads, qw, qb, kw, kb, scale, eps = inputs
+    o, lse = output
+    ctx.save_for_backward(qkv, o, lse, qw, qb, kw, kb)
+    ctx.num_heads, ctx.scale, ctx.eps = num_heads, scale, eps
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, dlse):
+    qkv, o, lse, qw, qb, kw, kb = ctx.saved_tensors
+    grads = _attention_bwd_op(do, qkv, o, lse, ctx.num_heads, qw, qb, kw, kb, ctx.scale, ctx.eps)
+    dnorm = [None] * 4
+    if qw is not None:
+        dnorm = [g.to(w.dtype) for g, w in zip(grads[1:], (qw, qb, kw, kb))]
+    return (grads[0], None, *dnorm, None, None)
+
+
+_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check_args(qkv, num_heads, qk_norm, scale, qk_norm_eps):
+    """Validate (shared by every backend); returns Dh."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must be (B, T, 3*C), got shape {tuple(qkv.shape)}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if qkv.shape[-1] % (3 * num_heads) or qkv.shape[-1] == 0:
+        raise ValueError(f"qkv's last dim {qkv.shape[-1]} must be 3 * num_heads * Dh with num_heads={num_heads}")
+    Dh = qkv.shape[-1] // (3 * num_heads)
+    if qk_norm is not None:
+        if not isinstance(qk_norm, (tuple, list)) or len(qk_norm) != 4:
+            raise TypeError("qk_norm must be None or a tuple (q_weight, q_bias, k_weight, k_bias)")
+        for name, t in zip(("q_weight", "q_bias", "k_weight", "k_bias"), qk_norm):
+            if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (Dh,)):
+                raise ValueError(f"qk_norm {name} must be None or a tensor of shape ({Dh},), got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"scale must be None or a finite float, got {scale!r}")
+    if not (isinstance(qk_norm_eps, (int, float)) and qk_norm_eps > 0):
+        raise ValueError(f"qk_norm_eps must be a positive float, got {qk_norm_eps!r}")
+    return Dh
+
+
+def _triton_ok(qkv, Dh):
+    return Dh % 8 == 0 and Dh <= 128 and qkv.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
 def attention(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5, backend=None):
+    """Multi-head self-attention of the DiT block from the packed QKV projection; same math as attention_ref.
+
+    qkv (B, T, 3*C) -> (B, T, C). qk_norm: None or (q_weight, q_bias, k_weight, k_bias), each (Dh,) (None
+    entries mean weight 1 / bias 0), a LayerNorm over Dh with eps qk_norm_eps. scale: None -> 1/sqrt(Dh).
+    backend: None (auto: on CUDA the faster of triton and SDPA for (Dh, dtype), see _CUDA_TABLE; on CPU
+    "torch"), "torch" (attention_ref) or "triton" (the fused kernel; Dh a multiple of 8 up to 128; on CPU only
+    under TRITON_INTERPRET=1). IMM_FAST_BACKEND overrides auto.
+    """
     from .. import _backend
 
-    _backend.requested(backend, ("torch",))
-    return attention_ref(qkv, num_heads, qk_norm, scale, qk_norm_eps)
+    Dh = _check_args(qkv, num_heads, qk_norm, scale, qk_norm_eps)
+    backend = _backend.requested(backend, ("torch", "triton"))
+    if backend is None:
+        backend = "torch"
+        if qkv.device.type == "cuda" and _backend.triton_usable(qkv.device) and _triton_ok(qkv, Dh):
+            backend = _CUDA_TABLE.get((Dh, qkv.dtype), "torch")
+    if backend == "torch":
+        return attention_ref(qkv, num_heads, qk_norm, scale, qk_norm_eps)
+
+    if not _backend.triton_usable(qkv.device):
+        raise ValueError(f"backend='triton' is not usable on {qkv.device} (needs triton, and on CPU "
+                         "TRITON_INTERPRET=1)")
+    if not _triton_ok(qkv, Dh):
+        raise ValueError(f"backend='triton' needs a head dim that is a multiple of 8 up to 128 and a float16, "
+                         f"bfloat16 or float32 qkv; got Dh={Dh}, dtype={qkv.dtype}")
+    if qk_norm is None:
+        qw = qb = kw = kb = None
+    else:
+        ones = lambda: qkv.new_ones(Dh, dtype=torch.float32)  # noqa: E731
+        zeros = lambda: qkv.new_zeros(Dh, dtype=torch.float32)  # noqa: E731
+        qw, qb, kw, kb = (t if t is not None else (ones() if i % 2 == 0 else zeros()) for i, t in enumerate(qk_norm))
+    scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
+    o, _ = _attention_fwd_op(qkv, num_heads, qw, qb, kw, kb, scale, float(qk_norm_eps))
+    return o
