@@ -19,15 +19,18 @@ stamp "install (builds the CUDA extension)"
 pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { echo "install failed"; tail -30 "$OUT/install.log"; }
 
 stamp "GPU tests"
-timeout 200 python -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+timeout 150 python -m pytest tests -m gpu -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 
 stamp "GPU benchmarks"
-timeout 300 python -m pytest benchmarks -k "not cpu" -q -p no:cacheprovider \
+timeout 270 python -m pytest benchmarks -k "not cpu" -q -p no:cacheprovider \
     --benchmark-json="$OUT/bench.json" --benchmark-min-time=0.05 --benchmark-max-time=0.5 \
     --benchmark-columns=median,ops 2>&1 | tee "$OUT/bench.log" | grep -E "passed|failed|error|skipped" | tail -5
 
+stamp "attention dispatch table (triton vs fastest SDPA, paste into imm_fast/ops/attention.py _CUDA_TABLE)"
+timeout 45 python benchmarks/bench_attention.py --table 2>&1 | tee "$OUT/attention_table.txt" | tail -8
+
 stamp "profile of one XL/2 training step"
-timeout 60 python benchmarks/profile_train_step.py >"$OUT/profile.txt" 2>&1; head -40 "$OUT/profile.txt"
+timeout 45 python benchmarks/profile_train_step.py >"$OUT/profile.txt" 2>&1; head -40 "$OUT/profile.txt"
 
 stamp "table"
 [ -f "$OUT/bench.json" ] && python benchmarks/summarize.py "$OUT/bench.json" | tee "$OUT/table.md"
