@@ -13,27 +13,42 @@ package_dir = {"imm_fast": "imm_fast", "imm_fast.kernels": "kernels"}
 
 
 def ext_modules_and_cmdclass():
+    """imm_fast._C from csrc/ (CPU loops always, CUDA kernels with a CUDA torch + toolkit), built optionally:
+    a failed compile warns and leaves the just-in-time build / reference path to imm_fast/_ext.py."""
     if os.environ.get("IMM_FAST_BUILD_EXT", "1") == "0":
         return [], {}
     try:
-        import torch  # noqa: F401
+        import torch
         from torch.utils import cpp_extension
     except Exception:
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
-    cpp = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(here, "csrc"))) if f.endswith(".cpp")]
-    cu = [os.path.join("csrc", f) for f in sorted(os.listdir(os.path.join(here, "csrc"))) if f.endswith(".cu")]
+    csrc = os.path.join(here, "csrc")
+    names = sorted(os.listdir(csrc)) if os.path.isdir(csrc) else []
+    cpp = [os.path.join("csrc", f) for f in names if f.endswith(".cpp")]
+    cu = [os.path.join("csrc", f) for f in names if f.endswith(".cu")]
     if not cpp:
         return [], {}
+    # Portable flags (no -march=native): the AVX2 loops are compiled separately and picked at run time.
     omp = ["-fopenmp"]
     if cu and cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None:
         ext = cpp_extension.CUDAExtension(
-            "imm_fast._C", cpp + cu,
+            "imm_fast._C", cpp + cu, include_dirs=[csrc],
             extra_compile_args={"cxx": ["-O3", "-DIMM_FAST_WITH_CUDA"] + omp, "nvcc": ["-O3", "-DIMM_FAST_WITH_CUDA"]},
             extra_link_args=omp)
     else:
-        ext = cpp_extension.CppExtension("imm_fast._C", cpp, extra_compile_args=["-O3"] + omp, extra_link_args=omp)
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+        ext = cpp_extension.CppExtension("imm_fast._C", cpp, include_dirs=[csrc], extra_compile_args=["-O3"] + omp,
+                                         extra_link_args=omp)
+
+    class OptionalBuildExtension(cpp_extension.BuildExtension):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as e:  # no compiler / toolkit mismatch: the package still works without _C
+                print(f"warning: building {ext.name} failed ({e}); imm_fast will build it just in time or "
+                      "use the reference path")
+
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = ext_modules_and_cmdclass()
