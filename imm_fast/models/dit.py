@@ -60,9 +60,15 @@ class TimestepEmbedder(nn.Module):
             raise ValueError(f"embedding_type={embedding_type!r} is not one of ('positional', 'fourier')")
 
     @staticmethod
-    def positional_embedding(t, dim, max_period=10000):
+    def positional_frequencies(dim, device, max_period=10000):
+        """(dim // 2,) float64 frequencies, computed on the CPU (bitwise the reference) then moved once."""
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half).to(t.device)
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64, device="cpu") / half).to(device)
+
+    @staticmethod
+    def positional_embedding(t, dim, max_period=10000, freqs=None):
+        if freqs is None:
+            freqs = TimestepEmbedder.positional_frequencies(dim, t.device, max_period)
         args = t[:, None].to(torch.float64) * freqs[None]  # (N, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
@@ -71,7 +77,12 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         if self.embedding_type == "positional":
-            t_freq = self.positional_embedding(t, self.frequency_embedding_size)
+            # Cached per device: no host-to-device copy per call (CUDA graphs cannot capture one).
+            key = (t.device, self.frequency_embedding_size)
+            cache = self.__dict__.setdefault("_freqs_cache", {})
+            if key not in cache:
+                cache[key] = self.positional_frequencies(self.frequency_embedding_size, t.device)
+            t_freq = self.positional_embedding(t, self.frequency_embedding_size, freqs=cache[key])
         else:
             args = t.to(torch.float64).ger(2 * np.pi * self.freqs.to(torch.float64))
             t_freq = torch.cat([args.cos(), args.sin()], dim=1)

@@ -1,0 +1,167 @@
+"""Benchmarks of few-step IMM sampling: imm_fast.sample (pushforward, uniform grid, guidance 1.5) on DiT-XL/2
+latents, in images/s; the VAE decode is timed apart.
+
+Shapes: N images of latents (4, 32, 32), 1000 classes; each step is one network call on 2N rows (guidance).
+The DiT-XL/2 has random weights (its zero-initialized adaLN and output layers filled too: never time on zeros)
+and runs under the IMM wrapper's bf16 autocast, as the authors' sampler does. CPU tier: a tiny DiT.
+Providers:
+  reference     fused=False DiT, cuda_graph=False (the eager reference loop)
+  fused         fused=True DiT, cuda_graph=False
+  fused+graph   fused=True DiT, cuda_graph=True (each step replays a captured CUDA graph; extra_info
+                graph_used says whether capture succeeded, else the eager fallback was timed)
+extra_info: images_per_s (N / seconds per sample() call), steps, nfe (network calls; each on 2N rows), batch,
+peak_mem_gb (GiB above what was allocated before the timed calls: the model and its graphs are excluded).
+VAE decode (sd-vae-ft-ema architecture, random weights): needs diffusers, else it skips with a message.
+
+    pytest benchmarks/bench_sample.py -k cpu                     # CPU tier (runs here)
+    IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_sample.py -k gpu   # on a CUDA machine: batch 64 only
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import os
+
+import pytest
+import torch
+
+from imm_fast.config import ModelConfig, dit_config
+from imm_fast.models import build_model
+from imm_fast.sampling import clear_graph_cache, graph_cache_info, sample
+
+CUDA = torch.cuda.is_available()
+QUICK = os.environ.get("IMM_FAST_BENCH_QUICK", "0") == "1"
+PROVIDERS = ("reference", "fused", "fused+graph")
+STEPS = (1, 2, 4, 8)
+CFG_SCALE = 1.5
+GPU_BATCHES = (64,) if QUICK else (64, 256)
+CPU_BATCH = 16
+CPU_STEPS = (1, 4)
+CPU_THREADS = 2
+
+
+def model_config(name, device):
+    mp = "bf16" if device == "cuda" else None
+    if name == "tiny":
+        return ModelConfig(img_resolution=8, img_channels=4, label_dim=10, hidden_size=64, depth=2, num_heads=2,
+                           mixed_precision=mp)
+    return dit_config(name, img_resolution=32, img_channels=4, label_dim=1000, mixed_precision=mp)
+
+
+@functools.lru_cache(maxsize=2)
+def get_model(name, device, seed=0):
+    """One eval-mode model per (size, device), shared by the providers (they switch model.model.fused)."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = build_model(model_config(name, device))
+        with torch.no_grad():
+            for block in list(model.model.blocks) + [model.model.final_layer]:
+                block.adaLN_modulation[-1].weight.normal_(0, 0.02)
+            model.model.final_layer.linear.weight.normal_(0, 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models():
+    """Free the shared models and their graphs after this file, before other benchmark files measure memory."""
+    yield
+    clear_graph_cache()
+    get_model.cache_clear()
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+
+
+def make_sample_step(model, batch, steps, provider, device, cfg_scale=CFG_SCALE, seed=0):
+    """step() -> the (N, Cin, R, R) float64 sample of one sample() call (synchronized on CUDA)."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider={provider!r} is not one of {PROVIDERS}")
+    if provider == "fused+graph" and device != "cuda":
+        raise ValueError("provider 'fused+graph' needs CUDA")
+    fused = provider != "reference"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    shape = (batch, model.img_channels, model.img_resolution, model.img_resolution)
+    noise = torch.randn(shape, device=device, generator=gen) * model.sigma_data  # (N, Cin, R, R)
+    labels = torch.randint(0, model.label_dim, (batch,), device=device, generator=gen)  # (N,) class ids
+
+    def step():
+        model.model.fused = fused  # the providers share one model
+        out = sample(model, noise, steps=steps, class_labels=labels, cfg_scale=cfg_scale,
+                     cuda_graph=provider == "fused+graph")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return step
+
+
+def run_bench(benchmark, name, batch, steps, provider, device, rounds):
+    model = get_model(name, device)
+    step = make_sample_step(model, batch, steps, provider, device)
+    benchmark.group = f"sample-{name.replace('/', '')}-b{batch}-steps{steps}-cfg{CFG_SCALE}"
+    if not benchmark.disabled:
+        step()  # warm-up: Triton compile/autotune, graph capture
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    out = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.disabled:  # --benchmark-disable (CI): one call ran; check it, record nothing
+        assert out.shape[0] == batch and bool(torch.isfinite(out).all()), f"{provider}: non-finite sample"
+        return
+    t = benchmark.stats.stats.mean
+    benchmark.extra_info.update(model=name, provider=provider, batch=batch, steps=steps, nfe=steps,
+                                cfg_scale=CFG_SCALE, images_per_s=batch / t, threads=torch.get_num_threads())
+    if provider == "fused+graph":
+        benchmark.extra_info["graph_used"] = graph_cache_info(model)["graphs"] > 0
+    if device == "cuda":
+        benchmark.extra_info["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+@pytest.mark.parametrize("steps", CPU_STEPS)
+@pytest.mark.parametrize("provider", ["reference", "fused"])
+def test_sample_cpu(benchmark, provider, steps):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        run_bench(benchmark, "tiny", CPU_BATCH, steps, provider, "cpu", rounds=3)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("batch", GPU_BATCHES, ids=lambda b: f"b{b}")
+def test_sample_gpu(benchmark, batch, provider, steps):
+    run_bench(benchmark, "XL/2", batch, steps, provider, "cuda", rounds=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch", GPU_BATCHES, ids=lambda b: f"b{b}")
+def test_vae_decode_gpu(benchmark, batch):
+    """The SD VAE decoder (sd-vae-ft-ema's architecture, random weights: the timing does not depend on them)."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        pytest.skip("diffusers is not installed: the VAE decode is not timed")
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256).cuda().eval()
+    z = torch.randn(batch, 4, 32, 32, device="cuda")  # (N, 4, 32, 32) latents
+
+    def step():
+        with torch.no_grad():
+            vae.decode(z).sample
+        torch.cuda.synchronize()
+
+    step()
+    benchmark.group = f"vae_decode-b{batch}"
+    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=0)
+    if benchmark.disabled:
+        return
+    benchmark.extra_info.update(provider="reference", batch=batch, images_per_s=batch / benchmark.stats.stats.mean)

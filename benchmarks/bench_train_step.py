@@ -1,0 +1,183 @@
+"""Benchmarks of one full IMM training step: imm_loss (no-grad target pass + student pass + MMD) + backward +
+AdamW step + zero_grad, under bf16 autocast on CUDA.
+
+Shapes: B batch = G groups x M particles (M = 4), latents (4, 32, 32) with 1000 classes (one-hot rows, as the
+authors' data pipeline feeds them); DiT-S/2, B/2 and XL/2. CPU tier: a tiny DiT (hidden 64, depth 2, res 8).
+Providers:
+  reference          fused=False DiT, LossConfig(backend="torch") (mmd_loss_ref), eager
+  reference+compile  the same with the DiT compiled (see IMM_FAST_BENCH_COMPILE)
+  fused              fused=True DiT (adaLN + attention ops), LossConfig(backend=None) (auto MMD kernels), eager
+  fused+compile      the same with the DiT compiled
+extra_info: samples_per_s, peak_mem_gb (GiB, torch.cuda.max_memory_allocated from the model's construction to
+the last timed step, less what earlier tests left allocated: parameters, gradients, AdamW states, activations),
+model, batch, provider, params_m, compile_mode, tf32 (matmul TF32 as left by torch: off).
+
+Environment:
+  IMM_FAST_BENCH_QUICK=1          GPU matrix = S/2 b256 + XL/2 b64 and b128 (the device-run budget)
+  IMM_FAST_BENCH_COMPILE=regional (default) compile per block: the reference compiles each DiTBlock; the fused
+                                  path calls each block's adaLN_modulation, attn and mlp itself, so those are
+                                  compiled (the adaLN boundary ops between them stay eager). Every block shares one
+                                  compiled graph, so cold compile stays within the device budget.
+  IMM_FAST_BENCH_COMPILE=full     compile the whole DiT (model.model.compile()); minutes of compile for XL/2.
+  IMM_FAST_BENCH_COMPILE=off      skip the +compile providers (the cheapest device run).
+XL/2 at b128/b256 may not fit with fp32 AdamW states; such cases skip with the OOM message.
+
+    pytest benchmarks/bench_train_step.py -k cpu                    # CPU tier (runs here)
+    IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_train_step.py -k gpu  # on a CUDA machine
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from imm_fast.config import LossConfig, ModelConfig, dit_config
+from imm_fast.loss import imm_loss
+from imm_fast.models import build_model
+
+CUDA = torch.cuda.is_available()
+QUICK = os.environ.get("IMM_FAST_BENCH_QUICK", "0") == "1"
+COMPILE_MODE = os.environ.get("IMM_FAST_BENCH_COMPILE", "regional")
+PROVIDERS = ("reference", "reference+compile", "fused", "fused+compile")
+M = 4  # particles per group
+LABEL_DIM = 1000
+GPU_CASES = ([("S/2", 256), ("XL/2", 64), ("XL/2", 128)] if QUICK else
+             [(m, b) for m in ("S/2", "B/2", "XL/2") for b in (64, 128, 256)])
+CPU_CASES = [("tiny", 16)]
+CPU_THREADS = 2
+
+
+def model_config(name, provider, device):
+    """ModelConfig for a named size ("S/2", ..., or "tiny") and provider; bf16 autocast on CUDA."""
+    fused = provider.startswith("fused")
+    mp = "bf16" if device == "cuda" else None
+    if name == "tiny":
+        return ModelConfig(img_resolution=8, img_channels=4, label_dim=10, hidden_size=64, depth=2, num_heads=2,
+                           mixed_precision=mp, fused=fused)
+    return dit_config(name, img_resolution=32, img_channels=4, label_dim=LABEL_DIM, mixed_precision=mp, fused=fused)
+
+
+def compile_dit(dit, fused, mode=COMPILE_MODE):
+    """Compile the DiT in place (keeps parameter names): per block ("regional") or whole ("full")."""
+    if mode == "full":
+        dit.compile(dynamic=False)
+    elif mode == "regional":
+        for block in dit.blocks:
+            if fused:  # forward_blocks_fused calls these three and never block.forward
+                for sub in (block.adaLN_modulation, block.attn, block.mlp):
+                    sub.compile(dynamic=False)
+            else:
+                block.compile(dynamic=False)
+    else:
+        raise ValueError(f"IMM_FAST_BENCH_COMPILE={mode!r} is not one of ('regional', 'full', 'off') "
+                         "(off skips the compiled providers)")
+
+
+def make_train_step(name, batch, provider, device, seed=0):
+    """(step, model, info): step() runs one full training step and synchronizes on CUDA."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"provider={provider!r} is not one of {PROVIDERS}")
+    fused = provider.startswith("fused")
+    cfg = model_config(name, provider, device)
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialize on the device: XL/2 on the CPU would take seconds
+        model = build_model(cfg)
+    model.train()
+    loss_cfg = LossConfig(group_size=M, backend=None if fused else "torch")
+    # The reference must not reach a kernel: explicit "torch" backends beat IMM_FAST_BACKEND.
+    assert model.model.fused is fused and (fused or loss_cfg.backend == "torch")
+    if provider.endswith("+compile"):
+        compile_dit(model.model, fused)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(batch, cfg.img_channels, cfg.img_resolution, cfg.img_resolution, device=device,
+                    generator=gen) * cfg.sigma_data  # (B, Cin, R, R)
+    ids = torch.randint(0, cfg.label_dim, (batch,), device=device, generator=gen)
+    labels = F.one_hot(ids, cfg.label_dim).float()  # (B, label_dim)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
+
+    def step():
+        with autocast():
+            out = imm_loss(model, x, labels, loss_cfg)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out.loss.detach()
+
+    info = dict(model=name, batch=batch, provider=provider, M=M, params_m=sum(p.numel() for p in model.parameters())
+                / 1e6, compile_mode=COMPILE_MODE if provider.endswith("+compile") else "none")
+    return step, model, info
+
+
+def _free(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_bench(benchmark, name, batch, provider, device, rounds, warmup_steps):
+    benchmark.group = f"train_step-{name.replace('/', '')}-b{batch}"
+    if provider.endswith("+compile"):
+        torch._dynamo.reset()  # fresh compile caches per case: no recompile-limit fallbacks across cases
+    _free(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # left by earlier tests, not this step's
+    oom = None
+    try:
+        step, model, info = make_train_step(name, batch, provider, device)
+        for _ in range(0 if benchmark.disabled else warmup_steps):  # AdamW states, Triton autotune, compile
+            step()
+        loss = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    except Exception as e:  # noqa: BLE001 - OOM may also come wrapped by torch.compile
+        if "out of memory" not in str(e).lower():
+            raise
+        oom = str(e).strip().splitlines()[0][:200]
+    if oom is not None:  # skip outside the except block, so the traceback's frames (and their tensors) are freed
+        step = model = None
+        torch._dynamo.reset()
+        _free(device)
+        pytest.skip(f"{name} b{batch} {provider}: out of memory ({oom})")
+    if benchmark.disabled:  # --benchmark-disable (CI): one step ran; check it, record nothing
+        assert loss is not None and bool(torch.isfinite(loss)), f"{name} {provider}: loss {loss}"
+        return
+    t = benchmark.stats.stats.mean
+    info.update(samples_per_s=batch / t, tf32=torch.backends.cuda.matmul.allow_tf32,
+                threads=torch.get_num_threads())
+    if device == "cuda":
+        info["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    benchmark.extra_info.update(info)
+    del step, model
+    if provider.endswith("+compile"):
+        torch._dynamo.reset()  # compiled code keeps references to this model's modules
+    _free(device)
+
+
+@pytest.mark.parametrize("provider", ["reference", "fused"])
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
+def test_train_step_cpu(benchmark, case, provider):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        run_bench(benchmark, case[0], case[1], provider, "cpu", rounds=3, warmup_steps=1)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0].replace('/', '')}-b{c[1]}")
+def test_train_step_gpu(benchmark, case, provider):
+    name, batch = case
+    big = name == "XL/2"
+    compiled = provider.endswith("+compile")
+    if compiled and COMPILE_MODE == "off":
+        pytest.skip("IMM_FAST_BENCH_COMPILE=off")
+    run_bench(benchmark, name, batch, provider, "cuda", rounds=3 if big else 5, warmup_steps=2 if compiled else 1)
