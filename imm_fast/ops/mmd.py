@@ -1,6 +1,11 @@
 """Grouped MMD loss of IMM (spec section 3).
 
 Shapes: B rows = G groups x M particles (group g is rows g*M .. g*M+M-1), D values per row.
+
+Layering: mmd_loss_ref (pure torch, the spec) | kernels/mmd.py mmd_fwd (Triton) and imm_fast._ext (C++/CUDA)
+share one contract, mmd_fwd(x2d, y2d, M, scale, eps, rbf, normalize_dim, need_gx, need_gy) -> (MMD2_g, gx, gy),
+wrapped by the custom op imm_fast::mmd_fwd (fake impl + autograd: backward scales the stored gx, gy by
+dL/dMMD2_g) | mmd_loss applies weight and reduction to the (G,) vector in torch and picks the backend.
 """
 from __future__ import annotations
 
@@ -119,14 +124,150 @@ def mmd_terms(x, y, group_size, scale=1.0, eps=1e-4, kernel="laplace", normalize
     return torch.stack([kmean(X, X), kmean(Y, Y), kmean(X, Y)], dim=1)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Kernel backends behind one custom op
+
+# Auto choice per device type. CUDA: "triton" until device measurements (benchmarks/bench_mmd.py) say whether
+# the CUDA extension is faster for some shapes; the numbers are pending (no GPU was available when this was written).
+_AUTO = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _ext_module(device_type: str):
+    """The C++/CUDA extension for this device type, or None (no extension module yet, or it failed to build)."""
+    try:
+        from .. import _ext
+    except ImportError:
+        return None
+    return _ext.mmd_ext(device_type)
+
+
+def _usable(name: str, device_type: str) -> bool:
+    from .. import _backend
+
+    if name == "torch":
+        return True
+    if name == "triton":
+        return _backend.triton_usable(torch.device(device_type))
+    if name == "cpp":
+        return device_type == "cpu" and _ext_module("cpu") is not None
+    if name == "cuda":
+        return device_type == "cuda" and _ext_module("cuda") is not None
+    return False
+
+
+@torch.compiler.assume_constant_result
+def _pick_backend(backend, device_type: str) -> str:
+    """argument > IMM_FAST_BACKEND > auto. An unusable argument raises; an unusable env value warns and goes auto."""
+    from .. import _backend
+
+    _backend.check_backend(backend, _backend.BACKENDS)
+    if backend is not None:
+        if not _usable(backend, device_type):
+            raise ValueError(f"backend={backend!r} is not usable on {device_type} tensors here "
+                             f"(triton needs CUDA or TRITON_INTERPRET=1 on CPU; cpp/cuda need the built extension)")
+        return backend
+    env = _backend.requested(None, _backend.BACKENDS)
+    if env is not None:
+        if _usable(env, device_type):
+            return env
+        _backend.warn_once(f"mmd-env-{env}-{device_type}",
+                           f"IMM_FAST_BACKEND={env!r} is not usable on {device_type} tensors; "
+                           "mmd_loss picks automatically")
+    for name in _AUTO.get(device_type, ()):
+        if _usable(name, device_type):
+            return name
+    return "torch"
+
+
+def _launch(backend: str, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy):
+    if backend == "triton":
+        from ..kernels.mmd import mmd_fwd
+    else:
+        mmd_fwd = _ext_module(x2d.device.type).mmd_fwd
+    return mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy)
+
+
+@torch.library.custom_op("imm_fast::mmd_fwd", mutates_args=())
+def _mmd_fwd_op(x2d: torch.Tensor, y2d: torch.Tensor, group_size: int, scale: torch.Tensor, eps: float, rbf: bool,
+                normalize_dim: bool, need_gx: bool, need_gy: bool,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(MMD2_g (G,) fp32 unweighted, dMMD2_g/dx (B, D) or empty, dMMD2_g/dy (B, D) or empty)."""
+    mmd2, gx, gy = _launch(backend, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy)
+    # Launchers return fresh tensors (a custom op may not return views); gradients not asked for become (0,)
+    # tensors whatever empty shape a launcher used, so that the fake implementation's shapes hold exactly.
+    return mmd2, gx if need_gx else x2d.new_empty(0), gy if need_gy else y2d.new_empty(0)
+
+
+@_mmd_fwd_op.register_fake
+def _(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy, backend):
+    B, D = x2d.shape
+    mmd2 = x2d.new_empty((B // group_size,), dtype=torch.float32)
+    gx = x2d.new_empty((B, D)) if need_gx else x2d.new_empty(0)
+    gy = y2d.new_empty((B, D)) if need_gy else y2d.new_empty(0)
+    return mmd2, gx, gy
+
+
+def _setup_context(ctx, inputs, output):
+    _, gx, gy = output
+    ctx.save_for_backward(gx, gy)
+    ctx.need = inputs[7:9]  # need_gx, need_gy
+    ctx.mark_non_differentiable(gx, gy)
+    ctx.set_materialize_grads(False)  # else autograd fills (B, D) zeros for the unused grads of gx and gy
+
+
+def _backward(ctx, g_mmd2, g_gx, g_gy):
+    """dL/dx = c_g gx, dL/dy = c_g gy with c_g = dL/dMMD2_g: one elementwise pass over each stored gradient."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("mmd_loss kernels have no double backward; use backend='torch' for create_graph=True")
+    gx, gy = ctx.saved_tensors
+    if g_mmd2 is None:  # grads are not materialized: nothing flowed into MMD2_g
+        return (None,) * 10
+    G = g_mmd2.shape[0]
+
+    def scaled(gz, need):
+        if not need:
+            return None
+        # c_g in gz's dtype: one pass, no fp32 temporary (bf16/fp16 gradients were rounded already).
+        return (gz.view(G, -1) * g_mmd2.to(gz.dtype).view(G, 1)).view(gz.shape)
+
+    return (scaled(gx, ctx.need[0]), scaled(gy, ctx.need[1])) + (None,) * 8
+
+
+_mmd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _rows(t, B):
+    """(B, D) view of t with a unit column stride, copying only when no such view exists."""
+    t2 = t.reshape(B, -1)
+    return t2 if t2.stride(1) == 1 or t2.shape[1] == 1 else t2.contiguous()
+
+
 def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace", normalize_dim=True,
              reduction="mean", backend=None):
     """Grouped Laplace/RBF-kernel MMD^2 between x (student) and y (target); see mmd_loss_ref for the formula.
 
-    backend: None (auto: the fastest available for the tensors' device), "torch" (the reference),
-    "triton", "cpp" or "cuda". IMM_FAST_BACKEND overrides auto. Gradients flow to x and y when they require grad.
+    x, y: (B, ...) with B = G * group_size; scale, weight: floats or (G,) tensors.
+    backend: None (auto: the fastest available for the tensors' device: CUDA triton, CPU cpp, else torch),
+    "torch" (the reference), "triton", "cpp" or "cuda". IMM_FAST_BACKEND overrides auto (under torch.compile the
+    choice is made once, when the function is traced). Gradients flow to x and
+    y when they require grad (and to weight). The kernels take fp32/bf16/fp16 and accumulate in fp32; float64
+    inputs, a scale that requires grad, and double backward use the reference.
     """
-    from .. import _backend
-
-    _backend.requested(backend, ("torch",))
-    return mmd_loss_ref(x, y, group_size, scale, weight, eps, kernel, normalize_dim, reduction)
+    G = check_mmd_args(x, y, group_size, scale, weight, eps, kernel, reduction)
+    impl = _pick_backend(backend, x.device.type)
+    if (impl == "torch" or x.dtype not in _KERNEL_DTYPES or y.dtype not in _KERNEL_DTYPES
+            or (isinstance(scale, torch.Tensor) and scale.requires_grad)):
+        return mmd_loss_ref(x, y, group_size, scale, weight, eps, kernel, normalize_dim, reduction)
+    B = x.shape[0]
+    dt = torch.promote_types(x.dtype, y.dtype)
+    x, y = x.to(dt), y.to(dt)  # one dtype per launch, as in the reference (no-ops when they agree)
+    s = _as_group_vector(scale, G, "scale", x.new_empty(0, dtype=torch.float32)).contiguous()  # (G,) fp32
+    grad = torch.is_grad_enabled()
+    mmd2, _, _ = torch.ops.imm_fast.mmd_fwd(
+        _rows(x, B), _rows(y, B), group_size, s, float(eps), kernel == "rbf", bool(normalize_dim),
+        grad and x.requires_grad, grad and y.requires_grad, impl)  # mmd2: (G,) fp32
+    if weight is not None:
+        mmd2 = mmd2 * _as_group_vector(weight, G, "weight", mmd2)
+    out = mmd2.mean() if reduction == "mean" else mmd2.sum() if reduction == "sum" else mmd2
+    return out.to(dt)
