@@ -261,7 +261,10 @@ def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace
         return mmd_loss_ref(x, y, group_size, scale, weight, eps, kernel, normalize_dim, reduction)
     B = x.shape[0]
     dt = torch.promote_types(x.dtype, y.dtype)
-    x, y = x.to(dt), y.to(dt)  # one dtype per launch, as in the reference (no-ops when they agree)
+    # One dtype per launch, as in the reference. fp16 runs in fp32: its gradients (~1e-6 at D = 3072, below
+    # fp16's normal range) would lose digits if stored in fp16 before the backward's scaling.
+    kdt = torch.float32 if dt == torch.float16 else dt
+    x, y = x.to(kdt), y.to(kdt)  # no-ops when they agree
     s = _as_group_vector(scale, G, "scale", x.new_empty(0, dtype=torch.float32)).contiguous()  # (G,) fp32
     grad = torch.is_grad_enabled()
     mmd2, _, _ = torch.ops.imm_fast.mmd_fwd(
