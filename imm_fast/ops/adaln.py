@@ -1,11 +1,17 @@
-"""DiT adaLN ops: LayerNorm (no affine) + modulate, and the gated residual.
+"""DiT adaLN ops: LayerNorm (no affine) + modulate, the gated residual, and both fused at a block boundary.
 
-Shapes: B batch, T tokens, C width. shift/scale/gate are (B, C), often strided views from `.chunk(6, dim=1)`.
+Shapes: B batch, T tokens, C width. x, y (B, T, C); shift/scale/gate (B, C), often strided views from
+`.chunk(6, dim=1)` (used without copies). Layering: `<op>_ref` (pure torch, the spec) | kernels/adaln.py
+(`_adaln_fwd_kernel`/`_adaln_bwd_kernel`, launchers `adaln_fwd`/`adaln_bwd`) | custom ops imm_fast::adaln_fwd and
+imm_fast::adaln_bwd (fake impls + autograd) | the public functions with backend dispatch.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def adaln_modulate_ref(x, shift, scale, eps=1e-6):
@@ -24,22 +30,153 @@ def gated_residual_adaln_ref(x, gate, y, shift, scale, eps=1e-6):
     return x_new, adaln_modulate_ref(x_new, shift, scale, eps)
 
 
-def adaln_modulate(x, shift, scale, eps=1e-6, backend=None):
+# ----------------------------------------------------------------------------------------------------------------
+# Custom ops (the kernels behind one schema; absent inputs select the op: gate/y -> residual, shift/scale -> norm)
+# ----------------------------------------------------------------------------------------------------------------
+def _empty(like):
+    return like.new_empty(0)
+
+
+def _dtypes(x, gate, y, shift, scale):
+    """Result dtypes as torch's type promotion gives them in the reference."""
+    xnew_dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), y.dtype) if gate is not None else x.dtype
+    out_dtype = None
+    if shift is not None:
+        out_dtype = torch.promote_types(torch.promote_types(xnew_dtype, shift.dtype), scale.dtype)
+    return xnew_dtype, out_dtype
+
+
+@torch.library.custom_op("imm_fast::adaln_fwd", mutates_args=())
+def _adaln_fwd_op(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], shift: Optional[Tensor],
+                  scale: Optional[Tensor], eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.adaln import adaln_fwd
+
+    has_res, has_norm = gate is not None, shift is not None
+    xnew_dtype, out_dtype = _dtypes(x, gate, y, shift, scale)
+    xnew, out, mean, rstd = adaln_fwd(x.to(xnew_dtype) if has_res else x, gate, y, shift, scale, eps, has_res,
+                                      has_norm, xnew_dtype, out_dtype)
+    return tuple(v if v is not None else _empty(x) for v in (xnew, out, mean, rstd))
+
+
+@_adaln_fwd_op.register_fake
+def _(x, gate, y, shift, scale, eps):
+    B, T, C = x.shape
+    xnew_dtype, out_dtype = _dtypes(x, gate, y, shift, scale)
+    xnew = x.new_empty((B, T, C), dtype=xnew_dtype) if gate is not None else _empty(x)
+    if shift is None:
+        return xnew, _empty(x), _empty(x), _empty(x)
+    stats = x.new_empty((B, T), dtype=torch.float32)
+    return xnew, x.new_empty((B, T, C), dtype=out_dtype), stats, stats.new_empty((B, T))
+
+
+@torch.library.custom_op("imm_fast::adaln_bwd", mutates_args=())
+def _adaln_bwd_op(dout: Optional[Tensor], dxnew: Optional[Tensor], xn: Optional[Tensor], y: Optional[Tensor],
+                  gate: Optional[Tensor], scale: Optional[Tensor], mean: Optional[Tensor], rstd: Optional[Tensor],
+                  x_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from ..kernels.adaln import adaln_bwd
+
+    has_res, has_norm = gate is not None, scale is not None
+    dx, dgate, dy, dshift, dscale = adaln_bwd(dout, dxnew, xn, y, gate, scale, mean, rstd, has_res, has_norm,
+                                              x_dtype)
+    like = dx
+    return tuple(v if v is not None else _empty(like) for v in (dx, dgate, dy, dshift, dscale))
+
+
+@_adaln_bwd_op.register_fake
+def _(dout, dxnew, xn, y, gate, scale, mean, rstd, x_dtype):
+    ref = xn if xn is not None else y
+    B, T, C = ref.shape
+    vec = ref.new_empty((B, C), dtype=torch.float32)
+    return (ref.new_empty((B, T, C), dtype=x_dtype), vec if gate is not None else _empty(ref),
+            ref.new_empty((B, T, C), dtype=y.dtype) if y is not None else _empty(ref),
+            vec.new_empty((B, C)) if scale is not None else _empty(ref),
+            vec.new_empty((B, C)) if scale is not None else _empty(ref))
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate, y, shift, scale, eps = inputs
+    xnew, out, mean, rstd = output
+    ctx.has_res, ctx.has_norm = gate is not None, shift is not None
+    ctx.dtypes = (x.dtype, None if gate is None else gate.dtype, None if shift is None else shift.dtype,
+                  None if scale is None else scale.dtype)
+    # The LayerNorm input: x_new (an output, so saving it is free) or x itself.
+    xn = (xnew if ctx.has_res else x) if ctx.has_norm else None
+    ctx.save_for_backward(xn, y, gate, scale, mean if ctx.has_norm else None, rstd if ctx.has_norm else None)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, d_xnew, d_out, d_mean, d_rstd):
+    xn, y, gate, scale, mean, rstd = ctx.saved_tensors
+    x_dtype, gate_dtype, shift_dtype, scale_dtype = ctx.dtypes
+    if ctx.has_norm and d_out is None:  # the modulated output went unused
+        d_out = torch.zeros_like(xn)
+    if not ctx.has_res:
+        d_xnew = None
+    if d_out is None and d_xnew is None:
+        return None, None, None, None, None, None
+    dx, dgate, dy, dshift, dscale = torch.ops.imm_fast.adaln_bwd(
+        d_out if ctx.has_norm else None, d_xnew, xn, y, gate, scale, mean, rstd, x_dtype)
+    return (dx, dgate.to(gate_dtype) if ctx.has_res else None, dy if ctx.has_res else None,
+            dshift.to(shift_dtype) if ctx.has_norm else None, dscale.to(scale_dtype) if ctx.has_norm else None, None)
+
+
+_adaln_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------------
+def _check(x, y=None, **vecs):
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating (B, T, C) tensor, got {getattr(x, 'dtype', type(x).__name__)} "
+                         f"of shape {tuple(getattr(x, 'shape', ()))}")
+    B, T, C = x.shape
+    if y is not None:
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            raise ValueError(f"y must have x's shape {tuple(x.shape)}, got {tuple(getattr(y, 'shape', ()))}")
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    for name, v in vecs.items():
+        if not isinstance(v, torch.Tensor) or tuple(v.shape) != (B, C):
+            raise ValueError(f"{name} must be a (B, C) = ({B}, {C}) tensor, got {tuple(getattr(v, 'shape', ()))}")
+        if v.device != x.device:
+            raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
+
+
+def _use_triton(backend, x) -> bool:
     from .. import _backend
 
-    _backend.requested(backend, ("torch",))
-    return adaln_modulate_ref(x, shift, scale, eps)
+    b = _backend.requested(backend, ("torch", "triton"))
+    if b == "triton":
+        if not _backend.triton_usable(x.device):
+            raise ValueError(f"backend='triton' cannot run on {x.device.type} tensors here "
+                             "(it needs CUDA, or TRITON_INTERPRET=1 on the CPU)")
+        return True
+    if b == "torch":
+        return False
+    return x.is_cuda and _backend.triton_usable(x.device)
+
+
+def adaln_modulate(x, shift, scale, eps=1e-6, backend=None):
+    """LayerNorm(x, no affine) * (1 + scale[:, None]) + shift[:, None] in one pass; backend None/"torch"/"triton"."""
+    _check(x, shift=shift, scale=scale)
+    if not _use_triton(backend, x):
+        return adaln_modulate_ref(x, shift, scale, eps)
+    return torch.ops.imm_fast.adaln_fwd(x, None, None, shift, scale, float(eps))[1]
 
 
 def gated_residual(x, gate, y, backend=None):
-    from .. import _backend
-
-    _backend.requested(backend, ("torch",))
-    return gated_residual_ref(x, gate, y)
+    """x + gate[:, None] * y in one pass."""
+    _check(x, y, gate=gate)
+    if not _use_triton(backend, x):
+        return gated_residual_ref(x, gate, y)
+    return torch.ops.imm_fast.adaln_fwd(x, gate, y, None, None, 0.0)[0]
 
 
 def gated_residual_adaln(x, gate, y, shift, scale, eps=1e-6, backend=None):
-    from .. import _backend
-
-    _backend.requested(backend, ("torch",))
-    return gated_residual_adaln_ref(x, gate, y, shift, scale, eps)
+    """(x_new, adaln_modulate(x_new, shift, scale)), x_new = x + gate[:, None] * y: a block boundary in one pass."""
+    _check(x, y, gate=gate, shift=shift, scale=scale)
+    if not _use_triton(backend, x):
+        return gated_residual_adaln_ref(x, gate, y, shift, scale, eps)
+    xnew, out, _, _ = torch.ops.imm_fast.adaln_fwd(x, gate, y, shift, scale, float(eps))
+    return xnew, out

@@ -1,0 +1,126 @@
+"""adaLN kernels (Triton, interpreter on the CPU) against the float64 reference: outputs and every gradient."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from imm_fast import _backend  # noqa: E402
+from imm_fast.ops.adaln import (adaln_modulate, adaln_modulate_ref, gated_residual, gated_residual_adaln,  # noqa: E402
+                                gated_residual_adaln_ref, gated_residual_ref)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not _backend.triton_usable(torch.device(DEV)), reason="triton is not usable here")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+SHAPES = [(2, 16, 64), (3, 1, 72), (2, 16, 37), (2, 256, 1152)]  # (B, T, C): odd width, T = 1, DiT-XL width
+
+
+def inputs(B, T, C, dtype):
+    x = torch.randn(B, T, C, device=DEV).to(dtype).requires_grad_()
+    y = torch.randn(B, T, C, device=DEV).to(dtype).requires_grad_()
+    mod = (torch.randn(B, 6 * C, device=DEV) * 0.5).to(dtype).requires_grad_()  # chunk(6) gives strided views
+    return x, y, mod
+
+
+def run(op, x, y, mod, backend, weights):
+    """Outputs and gradients of sum(out * weight) w.r.t. x, y and the (B, 6C) modulation tensor."""
+    shift, scale, gate = mod.chunk(6, dim=1)[:3]
+    if op == "modulate":
+        outs = ((adaln_modulate_ref if backend == "ref" else adaln_modulate)(x, shift, scale,
+                **({} if backend == "ref" else {"backend": backend})),)
+        wrt = (x, mod)
+    elif op == "residual":
+        outs = ((gated_residual_ref if backend == "ref" else gated_residual)(x, gate, y,
+                **({} if backend == "ref" else {"backend": backend})),)
+        wrt = (x, y, mod)
+    else:
+        outs = (gated_residual_adaln_ref if backend == "ref" else gated_residual_adaln)(
+            x, gate, y, shift, scale, **({} if backend == "ref" else {"backend": backend}))
+        wrt = (x, y, mod)
+    loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+    return [o.detach().double() for o in outs], [g.double() for g in torch.autograd.grad(loss, wrt)]
+
+
+@pytest.mark.parametrize("op", ["modulate", "residual", "residual_adaln"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(op, dt, shape):
+    dtype = DTYPES[dt]
+    x, y, mod = inputs(*shape, dtype)
+    weights = [torch.randn(shape, device=DEV, dtype=torch.float64) for _ in range(2)]
+    got = run(op, x, y, mod, "triton", weights)
+    same = run(op, x, y, mod, "ref", weights)  # torch in the same dtype
+    x64, y64, m64 = (v.detach().double().requires_grad_() for v in (x, y, mod))
+    want = run(op, x64, y64, m64, "ref", weights)
+    for g, s, w in zip(got[0] + got[1], same[0] + same[1], want[0] + want[1]):
+        assert g.shape == w.shape
+        err, err_torch = (g - w).abs().max().item(), (s - w).abs().max().item()
+        scale = w.abs().max().item() + 1.0
+        assert err <= 2 * err_torch + ATOL[dtype] * scale, (err, err_torch)
+
+
+def test_fp32_tight_and_deterministic():
+    x, y, mod = inputs(2, 16, 72, torch.float32)
+    shift, scale, gate = mod.chunk(6, dim=1)[:3]
+    a = gated_residual_adaln(x, gate, y, shift, scale, backend="triton")
+    b = gated_residual_adaln_ref(x, gate, y, shift, scale)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    w = torch.randn_like(a[1])
+    g1 = torch.autograd.grad((a[1] * w).sum() + a[0].sum(), (x, y, mod), retain_graph=True)
+    g2 = torch.autograd.grad((a[1] * w).sum() + a[0].sum(), (x, y, mod))
+    for u, v in zip(g1, g2):
+        assert torch.equal(u, v)
+
+
+def test_unused_output_and_modulation_dtype_promotion():
+    """Only x_new used (the modulated output unused); fp32 modulation on a bf16 stream promotes like torch."""
+    x, y, mod = inputs(2, 8, 64, torch.bfloat16)
+    m32 = mod.detach().float().requires_grad_()
+    shift, scale, gate = m32.chunk(6, dim=1)[:3]
+    xn, out = gated_residual_adaln(x, gate, y, shift, scale, backend="triton")
+    rn, rout = gated_residual_adaln_ref(x, gate, y, shift, scale)
+    assert xn.dtype == rn.dtype == torch.float32 and out.dtype == rout.dtype
+    gx, gm = torch.autograd.grad(xn.sum(), (x, m32))
+    rx, rm = torch.autograd.grad(rn.sum(), (x, m32))
+    assert gx.dtype == torch.bfloat16 and gm.dtype == torch.float32
+    torch.testing.assert_close(gm, rm, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(gx, rx)
+
+
+def test_custom_ops_trace_under_compile():
+    x, y, mod = inputs(2, 4, 32, torch.float32)
+    shift, scale, gate = (v.detach() for v in mod.chunk(6, dim=1)[:3])
+
+    def f(x, y):
+        xn, h = gated_residual_adaln(x, gate, y, shift, scale, backend="triton")
+        return gated_residual(xn, gate, h, backend="triton").sum() + adaln_modulate(h, shift, scale,
+                                                                                     backend="triton").sum()
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y)
+    torch.testing.assert_close(got, f(x, y))
+    torch.library.opcheck(torch.ops.imm_fast.adaln_fwd.default, (x.detach(), gate, y.detach(), shift, scale, 1e-6))
+
+
+def test_bad_inputs():
+    x, y, mod = inputs(2, 4, 32, torch.float32)
+    shift, scale, gate = mod.chunk(6, dim=1)[:3]
+    with pytest.raises(ValueError, match="x must"):
+        adaln_modulate(x[0], shift, scale)
+    with pytest.raises(ValueError, match="shift"):
+        adaln_modulate(x, shift[:, :16], scale)
+    with pytest.raises(ValueError, match="y must"):
+        gated_residual(x, gate, y[:, :2])
+    with pytest.raises(ValueError, match="backend"):
+        gated_residual(x, gate, y, backend="cuda")
+
+
+def test_auto_on_cpu_is_the_reference():
+    if DEV != "cpu":
+        pytest.skip("CPU only")
+    x, y, mod = inputs(2, 4, 32, torch.float32)
+    shift, scale, gate = mod.chunk(6, dim=1)[:3]
+    assert torch.equal(adaln_modulate(x, shift, scale), adaln_modulate_ref(x, shift, scale))
