@@ -68,11 +68,12 @@ setup(
         "einops",
         "safetensors",
         "pyyaml",
+        "scikit-learn",  # the embedded 8x8 digits of the default training job
+        "pillow",        # sample grids as PNG
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "pillow", "ninja"],
-        "data": ["scikit-learn", "pillow"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers"],
         "vae": ["diffusers"],
     },
     entry_points={"console_scripts": ["imm_fast=imm_fast.__main__:main"]},

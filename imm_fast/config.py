@@ -135,3 +135,229 @@ def with_overrides(cfg, overrides: dict):
     for head, sub in nested.items():
         flat[head] = with_overrides(getattr(cfg, head), sub)
     return dataclasses.replace(cfg, **flat)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data, training and the named presets
+# ----------------------------------------------------------------------------------------------------------------
+DATA_SOURCES = ("digits", "cifar10", "folder", "array", "latents")
+OPTIMIZERS = ("adamw", "radam")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits"            # "digits" (scikit-learn's 8x8), "cifar10" (python-pickle batches folder),
+                                      # "folder" (images, class = subfolder), "array" (.npy/.npz), "latents" (encoded)
+    path: Optional[str] = None        # dataset location (not used by "digits")
+    split: str = "train"              # "train", "test" or "all" (digits: fixed 80/20 split; cifar10: batch files)
+    resolution: Optional[int] = None  # "folder": resize + center-crop to this side (None = keep, all must match)
+    class_conditional: bool = True    # use the labels (False: unconditional; labels are ignored)
+    hflip: bool = False               # random horizontal flips (drawn from the checkpointed data generator)
+    vae_path: Optional[str] = None    # "latents": a local diffusers AutoencoderKL folder to decode sample grids
+
+    def __post_init__(self):
+        _choice("source", self.source, DATA_SOURCES)
+        _choice("split", self.split, ("train", "test", "all"))
+        if self.source not in ("digits",) and self.path is None:
+            raise ValueError(f"data.source={self.source!r} needs data.path (a file or folder)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "digits"              # preset / run family name (run folders are <out_dir>/<name>-<timestamp>)
+    model: ModelConfig = field(default_factory=ModelConfig)   # network + IMM output function
+    loss: LossConfig = field(default_factory=LossConfig)      # the IMM objective
+    data: DataConfig = field(default_factory=DataConfig)      # the dataset
+    sample: SampleConfig = field(default_factory=SampleConfig)  # sample grids and evaluation sampling
+    batch_size: int = 256             # GLOBAL batch per optimizer step (all ranks, all accumulation steps)
+    grad_accum: int = 1               # micro-batches per optimizer step (per rank)
+    max_steps: int = 1000             # optimizer steps
+    lr: float = 1e-4                  # peak learning rate
+    optimizer: str = "adamw"          # "adamw" or "radam"
+    betas: Tuple[float, float] = (0.9, 0.999)  # Adam betas
+    weight_decay: float = 0.0         # decoupled weight decay
+    warmup_steps: int = 0             # linear learning-rate warmup (steps)
+    grad_clip: float = 0.0            # max global grad norm (0 = no clipping; the norm is logged either way)
+    ema_decay: float = 0.9999         # EMA of the weights (evaluation only)
+    ema_warmup: bool = False          # decay_eff = min(ema_decay, (1 + step) / (10 + step)) for short runs
+    amp: Optional[str] = "bf16"       # student-pass autocast on CUDA (ignored on CPU): None, "bf16" or "fp16"
+    seed: int = 0                     # seeds model init, data order, (s, r, t), noise, label dropout
+    device: str = "auto"              # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
+    threads: Optional[int] = None     # torch CPU threads (None = torch's default)
+    out_dir: str = "runs"             # parent folder of run folders
+    run_name: Optional[str] = None    # run folder name (None = <name>-<UTC timestamp>)
+    resume: Optional[str] = None      # a run folder or checkpoint folder to continue from
+    log_every: int = 10               # steps between metrics lines (loss averaged over them)
+    sample_every: int = 0             # steps between sample grids (0 = only at the end)
+    ckpt_every: int = 0               # steps between checkpoints (0 = only at the end)
+    eval_every: int = 0               # steps between metric evaluations (0 = only at the end)
+    eval_samples: int = 1000          # samples per step count for the final metrics
+    eval_steps: Tuple[int, ...] = (1, 2, 4, 8)  # step counts evaluated
+    final_eval: bool = True           # compute metrics at the end of training
+    progress: bool = True             # progress bar on rank 0
+
+    def __post_init__(self):
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("amp", self.amp, (None, "bf16", "fp16"))
+        for name in ("batch_size", "grad_accum", "max_steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        M = self.loss.group_size
+        if self.batch_size % (self.grad_accum * M):
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by grad_accum x loss.group_size = "
+                             f"{self.grad_accum} x {M} (each micro-batch holds whole groups of M particles)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.data.source != "latents" and self.data.vae_path is not None:
+            raise ValueError("data.vae_path only applies to data.source='latents'")
+
+
+def _digits_preset() -> TrainConfig:
+    # 8x8x1 digits scaled so the data std is sigma_d = 0.5 (see imm_fast.data); a small class-conditional DiT.
+    return TrainConfig(
+        name="digits",
+        model=ModelConfig(img_resolution=8, img_channels=1, label_dim=10, patch_size=2, hidden_size=128, depth=4,
+                          num_heads=4, f_type="euler_fm", temb_type="stride", eps=0.0, T=0.994),
+        loss=LossConfig(group_size=4, ts_dist="uniform", k=12, a=1, b=4.0, label_dropout=0.1),
+        data=DataConfig(source="digits"),
+        sample=SampleConfig(steps=(1, 2, 4, 8), cfg_scale=2.0, num_images=100),
+        batch_size=256, max_steps=800, lr=1e-3, warmup_steps=50, grad_clip=1.0, ema_decay=0.99, ema_warmup=True,
+        log_every=20, sample_every=400, ckpt_every=400, eval_samples=1000, device="cpu")
+
+
+def _cifar10_preset() -> TrainConfig:
+    # The paper's CIFAR-10 IMM settings on a DiT backbone (the DDPM++ UNet is not implemented yet).
+    return TrainConfig(
+        name="cifar10",
+        model=dit_config("B/2", img_resolution=32, img_channels=3, label_dim=0, f_type="simple_edm",
+                         temb_type="identity", dropout=0.2, eps=0.006, T=0.994, mixed_precision=None),
+        loss=LossConfig(group_size=4, ts_dist="uniform", k=15, a=1, b=5.0, label_dropout=0.0),
+        data=DataConfig(source="cifar10", path="data/cifar-10-batches-py", class_conditional=False, hflip=True),
+        sample=SampleConfig(steps=(1, 2, 4, 8), cfg_scale=None, num_images=64),
+        batch_size=4096, max_steps=400_000, lr=1e-4, ema_decay=0.9999, sample_every=5000, ckpt_every=10_000,
+        eval_samples=50_000)
+
+
+def _imagenet_preset(size: str) -> TrainConfig:
+    # The paper's ImageNet-256 settings on pre-encoded SD-VAE latents (32x32x4), euler_fm + stride, a = 2.
+    return TrainConfig(
+        name="imagenet256" if size == "XL" else f"imagenet256-{size}",
+        model=dit_config(f"{size}/2", img_resolution=32, img_channels=4, label_dim=1000, f_type="euler_fm",
+                         temb_type="stride", eps=0.0, T=0.994),
+        loss=LossConfig(group_size=4, ts_dist="uniform", k=12, a=2, b=4.0, label_dropout=0.1),
+        data=DataConfig(source="latents", path="data/imagenet256-latents"),
+        sample=SampleConfig(steps=(1, 2, 4, 8), cfg_scale=1.5, num_images=64),
+        batch_size=4096, max_steps=1_000_000, lr=1e-4, optimizer="adamw", ema_decay=0.9999, sample_every=5000,
+        ckpt_every=10_000, eval_samples=50_000)
+
+
+PRESETS = {
+    "digits": _digits_preset(),
+    "cifar10": _cifar10_preset(),
+    "imagenet256": _imagenet_preset("XL"),
+    "imagenet256-S": _imagenet_preset("S"),
+    "imagenet256-B": _imagenet_preset("B"),
+    "imagenet256-L": _imagenet_preset("L"),
+}
+
+
+def _flatten(d: dict, prefix="") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and key.split(".")[-1] in ("model", "loss", "data", "sample"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _coerce(cfg, key: str, value):
+    """value typed like the field it replaces: lists -> tuples, whole floats -> ints, strings checked."""
+    obj = cfg
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
+            return value  # with_overrides reports the unknown key
+        obj = getattr(obj, p)
+    if not dataclasses.is_dataclass(obj) or parts[-1] not in {f.name for f in dataclasses.fields(obj)}:
+        return value
+    cur = getattr(obj, parts[-1])
+    if isinstance(value, list):
+        value = tuple(value)
+    if value is None or cur is None:
+        return value
+    if isinstance(cur, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, str) and isinstance(cur, (int, float)) and not isinstance(cur, bool):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"config key {key!r} must be a number, got {value!r}") from None
+    if isinstance(cur, int) and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(cur, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(cur, (int, float)) and not isinstance(value, (int, float)):
+        raise ValueError(f"config key {key!r} must be a number, got {value!r}")
+    return value
+
+
+def _apply(cfg: "TrainConfig", flat: dict) -> "TrainConfig":
+    flat = {k: _coerce(cfg, k, v) for k, v in flat.items()}
+    # Apply nested keys first so that cross-field checks of TrainConfig see the final sub-configs together.
+    return with_overrides(cfg, flat)
+
+
+def load_train_config(cfg=None, overrides: Optional[dict] = None) -> "TrainConfig":
+    """A TrainConfig from None (the digits preset), a preset name, a TrainConfig, a dict or a YAML/JSON path.
+
+    Dicts and files hold nested sections (model:, loss:, data:, sample:) or dotted keys ("model.depth"), and an
+    optional `preset:` naming the base (default digits). `overrides` are dotted keys applied last.
+    """
+    import json
+    import os
+
+    if cfg is None:
+        base, flat = PRESETS["digits"], {}
+    elif isinstance(cfg, TrainConfig):
+        base, flat = cfg, {}
+    elif isinstance(cfg, str) and cfg in PRESETS:
+        base, flat = PRESETS[cfg], {}
+    elif isinstance(cfg, (str, os.PathLike)):
+        path = os.fspath(cfg)
+        if not os.path.isfile(path):
+            raise ValueError(f"config {path!r} is neither a preset name {sorted(PRESETS)} nor an existing "
+                             "YAML/JSON file")
+        with open(path) as f:
+            text = f.read()
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path!r} must hold a mapping of keys, got {type(data).__name__}")
+        return load_train_config(data, overrides)
+    elif isinstance(cfg, dict):
+        data = dict(cfg)
+        preset = data.pop("preset", None) or "digits"
+        if preset not in PRESETS:
+            raise ValueError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
+        base, flat = PRESETS[preset], _flatten(data)
+    else:
+        raise TypeError(f"cfg must be None, a preset name, a TrainConfig, a dict or a YAML path, got "
+                        f"{type(cfg).__name__}")
+    flat = {**flat, **(overrides or {})}
+    return _apply(base, flat)
+
+
+def config_to_dict(cfg) -> dict:
+    """A JSON-able nested dict of a config (tuples become lists)."""
+    return dataclasses.asdict(cfg)

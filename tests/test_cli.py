@@ -1,0 +1,101 @@
+"""The command line (python -m imm_fast train / sample / encode) and the VAE latents round trip."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from imm_fast.__main__ import main, parse_overrides
+
+TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "batch_size=16", "max_steps=2",
+        "sample.num_images=10", "sample.steps=[1]", "final_eval=false", "progress=false", "threads=1"]
+
+
+def test_parse_overrides():
+    assert parse_overrides(["a=1", "b.c=0.5", "d=[1, 2]", "e=true", "f=text", "g="]) == {
+        "a": 1, "b.c": 0.5, "d": [1, 2], "e": True, "f": "text", "g": None}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["max_steps"])
+
+
+def test_help_without_subcommand():
+    p = subprocess.run([sys.executable, "-m", "imm_fast"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "train" in p.stdout and "encode" in p.stdout and "sample" in p.stdout
+
+
+def test_train_then_sample_from_the_command_line(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    assert main(["train", f"out_dir={tmp_path}", "run_name=cli"] + TINY) == 0
+    out = capsys.readouterr().out
+    assert f"run folder: {tmp_path / 'cli'}" in out
+    assert (tmp_path / "cli" / "checkpoints" / "step-0000002" / "ema.safetensors").is_file()
+    png = tmp_path / "grid.png"
+    assert main(["sample", str(tmp_path / "cli"), "--steps", "2", "--num", "20", "--cfg-scale", "2",
+                 "--out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    before = png.read_bytes()
+    assert main(["sample", str(tmp_path / "cli"), "--out", str(png)]) == 2  # no silent overwrite
+    assert png.read_bytes() == before
+    assert "exists" in capsys.readouterr().err
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "preset name" in capsys.readouterr().err
+    assert main(["train", "modle.depth=2"]) == 2
+    assert "unknown config key 'modle.depth'" in capsys.readouterr().err
+    assert main(["train", "--preset", "cifar10", f"data.path={tmp_path / 'none'}"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
+    path = tmp_path / "vae"
+    vae.save_pretrained(str(path))
+    return path
+
+
+def test_encode_folder_and_decode(tmp_path, tiny_vae):
+    Image = pytest.importorskip("PIL.Image")
+    from imm_fast.data import build_dataset
+    from imm_fast.config import DataConfig
+    from imm_fast.vae import LATENT_MEAN, LATENT_STD, decode_latents, encode_images, load_vae
+
+    rng = np.random.RandomState(0)
+    for cls in ("a", "b"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.randint(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    out = tmp_path / "lat"
+    assert main(["encode", str(tmp_path / "imgs"), str(out), "--vae", str(tiny_vae), "--resolution", "16",
+                 "--batch-size", "4"]) == 0
+    lat = np.load(out / "latents.npy")
+    # Two-level encoder: 16 / 2 = 8 (the SD-VAE's three downsamplings give 256 / 8 = 32).
+    assert lat.shape == (6, 4, 8, 8) and np.load(out / "labels.npy").tolist() == [0, 0, 0, 1, 1, 1]
+    assert json.loads((out / "meta.json").read_text())["classes"] == ["a", "b"]
+    assert main(["encode", str(tmp_path / "imgs"), str(out), "--vae", str(tiny_vae)]) == 2  # no overwrite
+
+    # The normalization is (z - mean) * 0.5 / std of the posterior sample; decode inverts it.
+    vae = load_vae(tiny_vae)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    g = torch.Generator().manual_seed(1)
+    z_norm = encode_images(vae, x, g)
+    dist = vae.encode(x).latent_dist
+    eps = torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(1))
+    mean = torch.tensor(LATENT_MEAN).reshape(1, 4, 1, 1)
+    std = torch.tensor(LATENT_STD).reshape(1, 4, 1, 1)
+    torch.testing.assert_close(z_norm, (dist.mean + dist.std * eps - mean) * 0.5 / std)
+    pixels = decode_latents(vae, z_norm)
+    ref = vae.decode(dist.mean + dist.std * eps).sample
+    torch.testing.assert_close(pixels, ((ref.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), atol=1, rtol=0)
+    ds = build_dataset(DataConfig(source="latents", path=str(out)))
+    assert ds.shape == (4, 8, 8) and ds.num_classes == 2
+    with pytest.raises(FileNotFoundError, match="local folder"):
+        load_vae(tmp_path / "no-vae")
