@@ -63,18 +63,11 @@ def model_config(name, provider, device):
 
 def compile_dit(dit, fused, mode=COMPILE_MODE):
     """Compile the DiT in place (keeps parameter names): per block ("regional") or whole ("full")."""
-    if mode == "full":
-        dit.compile(dynamic=False)
-    elif mode == "regional":
-        for block in dit.blocks:
-            if fused:  # forward_blocks_fused calls these three and never block.forward
-                for sub in (block.adaLN_modulation, block.attn, block.mlp):
-                    sub.compile(dynamic=False)
-            else:
-                block.compile(dynamic=False)
-    else:
+    if mode not in ("regional", "full"):
         raise ValueError(f"IMM_FAST_BENCH_COMPILE={mode!r} is not one of ('regional', 'full', 'off') "
                          "(off skips the compiled providers)")
+    assert dit.fused is None or bool(dit.fused) == fused
+    dit.compile_regions(mode)
 
 
 def make_train_step(name, batch, provider, device, seed=0):

@@ -195,10 +195,15 @@ class TrainConfig:
     eval_steps: Tuple[int, ...] = (1, 2, 4, 8)  # step counts evaluated
     final_eval: bool = True           # compute metrics at the end of training
     progress: bool = True             # progress bar on rank 0
+    reference: bool = False           # the plain PyTorch path (reference DiT ops, mmd_loss_ref) instead of the
+                                      # fused kernels that auto picks on CUDA
+    compile: Optional[str] = None     # torch.compile the DiT: None, "regional" (per block) or "full"
+    tf32: bool = True                 # TF32 matmuls/convolutions on CUDA (as the authors' code sets)
 
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("amp", self.amp, (None, "bf16", "fp16"))
+        _choice("compile", self.compile, (None, "regional", "full"))
         for name in ("batch_size", "grad_accum", "max_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

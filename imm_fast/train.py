@@ -447,9 +447,15 @@ def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, *
         b = B // (d.world * A)  # per-rank micro-batch
 
         # Model config: bf16/fp16 autocast of the student pass on CUDA (the target pass stays fp32).
-        mcfg = cfg.model
+        mcfg, lcfg = cfg.model, cfg.loss
         if device.type == "cuda" and cfg.amp and mcfg.mixed_precision is None:
             mcfg = dataclasses.replace(mcfg, mixed_precision=cfg.amp)
+        if cfg.reference:  # the switch to the plain PyTorch path
+            mcfg = dataclasses.replace(mcfg, fused=False)
+            lcfg = dataclasses.replace(lcfg, backend="torch")
+        if device.type == "cuda" and cfg.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         ds = build_dataset(cfg.data)
         check_compatible(ds, mcfg)
         resume_ck = find_checkpoint(cfg.resume) if cfg.resume else None
@@ -459,6 +465,8 @@ def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, *
         random.seed(cfg.seed)
         model = build_model(mcfg).to(device)
         ema = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.compile:
+            model.model.compile_regions(cfg.compile)  # in place: parameter names and checkpoints unchanged
         opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.RAdam
         kw = {"decoupled_weight_decay": True} if cfg.optimizer == "radam" and cfg.weight_decay else {}
         opt = opt_cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
@@ -534,7 +542,7 @@ def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, *
                 y = None if y is None else y.to(device)
                 sync = contextlib.nullcontext() if (d.world == 1 or a == A - 1) else net.no_sync()
                 with sync:
-                    out = imm_loss(net, x, y, cfg.loss, target_model=model, t=t_all[groups], s=s_all[groups],
+                    out = imm_loss(net, x, y, lcfg, target_model=model, t=t_all[groups], s=s_all[groups],
                                    r=r_all[groups], noise=noise_all[rows].to(device),
                                    drop_mask=None if drop_all is None else drop_all[rows].to(device))
                     (out.loss / A).backward()

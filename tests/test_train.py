@@ -219,3 +219,25 @@ def test_image_presets_run_on_tiny_data(tmp_path, preset):
         assert "vae_path" in r.metrics["message"]
     ema = imm_fast.load_official(r.run_dir)
     assert ema.f_type == PRESETS[preset].model.f_type
+
+
+def test_reference_switch_gives_the_same_training(tmp_path, monkeypatch):
+    """reference=True (reference DiT ops + mmd_loss_ref) and the default kernels (the C++ MMD on the CPU) train
+    to the same weights; the reference run must not touch the MMD kernels."""
+    from imm_fast.ops import mmd as mmd_mod
+
+    runs = {}
+    for ref in (False, True):
+        calls = []
+        real = mmd_mod._launch
+        monkeypatch.setattr(mmd_mod, "_launch", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+        r = imm_fast.train(None, out_dir=str(tmp_path), run_name=f"r{int(ref)}", max_steps=2, reference=ref,
+                           **{**TINY, "sample.steps": [1]})
+        runs[ref] = (_load(r.checkpoint / "model.safetensors"), calls)
+    assert runs[True][1] == []
+    if mmd_mod._usable("cpp", "cpu"):
+        assert set(runs[False][1]) == {"cpp"}
+    for k in runs[False][0]:
+        torch.testing.assert_close(runs[True][0][k], runs[False][0][k], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile="everything")
