@@ -13,7 +13,7 @@ __all__ = [
 ]
 
 _LAZY = {
-    "train": ("imm_fast.train", "train"),
+    "train": ("imm_fast.training", "train"),
     "sample": ("imm_fast.sampling", "sample"),
     "mmd_loss": ("imm_fast.ops.mmd", "mmd_loss"),
     "load_official": ("imm_fast.checkpoint", "load_official"),

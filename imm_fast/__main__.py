@@ -32,7 +32,7 @@ def parse_overrides(items):
 
 
 def _cmd_train(args):
-    from .train import train
+    from .training import train
 
     if args.preset and args.config:
         raise ValueError("give --preset or --config, not both (a config file may name its base with `preset:`)")
@@ -64,7 +64,7 @@ def _cmd_sample(args):
 
     from .checkpoint import load_official
     from .sampling import sample
-    from .train import save_png
+    from .training import save_png
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

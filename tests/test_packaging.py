@@ -52,3 +52,11 @@ def test_public_api():
     for name in ("train", "sample", "mmd_loss", "load_official", "ModelConfig", "LossConfig", "SampleConfig"):
         assert name in imm_fast.__all__
     assert callable(imm_fast.mmd_loss) and callable(imm_fast.sample) and callable(imm_fast.load_official)
+
+
+def test_train_stays_the_function_after_the_training_module_is_imported():
+    import importlib
+
+    importlib.import_module("imm_fast.training")
+    importlib.import_module("imm_fast.__main__")
+    assert callable(imm_fast.train) and imm_fast.train.__module__ == "imm_fast.training"
