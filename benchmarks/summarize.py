@@ -43,8 +43,8 @@ def main(paths):
             data = json.load(f)
         benches += data.get("benchmarks", [])
         machine = machine or data.get("machine_info", {})
-    print(f"| group | provider | median (us) | x reference | extra |")
-    print(f"|---|---|---:|---:|---|")
+    print("| group | provider | median (us) | x reference | extra |")
+    print("|---|---|---:|---:|---|")
     for group, prov, med_us, speedup, extra in rows(benches):
         print(f"| {group} | {prov} | {med_us:.1f} | {speedup:.2f} | {extra} |")
 

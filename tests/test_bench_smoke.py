@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 
 import imm_fast
-from imm_fast.config import ModelConfig
 from imm_fast.models import build_model
 from imm_fast.sampling import clear_graph_cache, graph_cache_info
+
+from _helpers import random_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -117,14 +118,8 @@ def test_profile_script(bench_train, capsys):
 def _tiny(**kw):
     base = dict(img_resolution=8, img_channels=2, label_dim=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
                 eps=0.006)
-    base.update(kw)
     torch.manual_seed(0)
-    m = build_model(ModelConfig(**base))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    return m.eval()
+    return random_model(**{**base, **kw})
 
 
 def test_cuda_graph_argument_checks():

@@ -6,21 +6,14 @@ import torch
 
 import imm_fast
 from imm_fast.checkpoint import UnsafeCheckpointError, save_model
-from imm_fast.config import ModelConfig
-from imm_fast.models import build_model
 
+from _helpers import random_model as _random_model
 from _official_format import write_official_pickle
 
 
 def random_model(**kw):
     base = dict(img_resolution=8, img_channels=4, label_dim=6, patch_size=2, hidden_size=32, depth=2, num_heads=4)
-    base.update(kw)
-    m = build_model(ModelConfig(**base))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    return m.eval()
+    return _random_model(**{**base, **kw})
 
 
 def authors_kwargs(m, **extra):

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from imm_fast import schedule as sch
-from imm_fast.config import LossConfig, ModelConfig
+from imm_fast.config import LossConfig
 from imm_fast.loss import draw_times, imm_loss
-from imm_fast.models import build_model
 from imm_fast.ops.mmd import mmd_loss_ref, mmd_terms
+
+from _helpers import random_model
 
 
 def independent_mmd(x, y, M, scale, weight, eps, kernel, normalize_dim, reduction):
@@ -63,13 +64,7 @@ def test_mmd_of_identical_sets_is_zero_and_terms():
 
 def small_model(**kw):
     base = dict(img_resolution=8, img_channels=2, label_dim=3, patch_size=4, hidden_size=32, depth=2, num_heads=2)
-    base.update(kw)
-    m = build_model(ModelConfig(**base))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    return m
+    return random_model(**{**base, **kw}).train()
 
 
 def test_imm_loss_matches_the_formula():

@@ -1,11 +1,10 @@
-import itertools
-
 import pytest
 import torch
 
-import imm_fast
 from imm_fast.config import ModelConfig, dit_config
-from imm_fast.models import IMM, build_model
+from imm_fast.models import IMM
+
+from _helpers import random_model
 
 
 def as_float64(m):
@@ -16,13 +15,7 @@ def as_float64(m):
 
 def tiny(**kw):
     base = dict(img_resolution=8, img_channels=3, label_dim=5, patch_size=2, hidden_size=32, depth=2, num_heads=4)
-    base.update(kw)
-    m = build_model(ModelConfig(**base))
-    with torch.no_grad():
-        for p in m.parameters():  # the adaLN-Zero init would make every output trivially zero
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    return m.eval()
+    return random_model(**{**base, **kw})
 
 
 @pytest.mark.parametrize("f_type,ns,temb", [("euler_fm", "fm", "stride"), ("simple_edm", "fm", "identity"),

@@ -3,21 +3,15 @@ import torch
 
 import imm_fast
 from imm_fast import schedule as sch
-from imm_fast.config import ModelConfig
-from imm_fast.models import build_model
 from imm_fast.sampling import time_grid
+
+from _helpers import random_model
 
 
 def model(**kw):
     base = dict(img_resolution=8, img_channels=2, label_dim=4, patch_size=2, hidden_size=32, depth=1, num_heads=2,
                 eps=0.006)
-    base.update(kw)
-    m = build_model(ModelConfig(**base))
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.requires_grad:
-                p.normal_(0, 0.1)
-    return m.eval()
+    return random_model(**{**base, **kw})
 
 
 def test_grids():
