@@ -141,12 +141,14 @@ def _adaln_bwd_kernel(
         tl.store(pgate_ptr + p_off, acc_gate, mask=cmask)
 
 
-def _blocks(T, C):
-    """(ROWS, BLOCK_T, BLOCK_C, num_warps): ~4K-element tiles, a few steps per program."""
+def _blocks(T, C, backward=False):
+    """(ROWS, BLOCK_T, BLOCK_C, num_warps): tiles of ~2K elements, a few steps per program. The backward keeps
+    three (BLOCK_C,) accumulators and about six live tiles, so it spreads them over more warps. Compiled for sm_90
+    (bf16, C = 768 and 1152; cuobjdump -res-usage): no spills, forward <= 79 registers, backward <= 104."""
     BLOCK_C = triton.next_power_of_2(C)
-    BLOCK_T = max(1, min(triton.next_power_of_2(T), 4096 // BLOCK_C))
+    BLOCK_T = max(1, min(triton.next_power_of_2(T), 2048 // BLOCK_C))
     ROWS = BLOCK_T * max(1, min(4, triton.cdiv(T, BLOCK_T)))
-    num_warps = 4 if BLOCK_C <= 1024 else 8
+    num_warps = min(16, max(4, BLOCK_C // 64)) if backward else (8 if BLOCK_C >= 512 else 4)
     return ROWS, BLOCK_T, BLOCK_C, num_warps
 
 
@@ -207,7 +209,7 @@ def adaln_bwd(dout, dxnew, xn, y, gate, scale, mean, rstd, has_res, has_norm, x_
         xn = xn.contiguous()
     if dxnew is not None:
         dxnew = dxnew.contiguous()
-    ROWS, BLOCK_T, BLOCK_C, num_warps = _blocks(T, C)
+    ROWS, BLOCK_T, BLOCK_C, num_warps = _blocks(T, C, backward=True)
     NT = triton.cdiv(T, ROWS)
     dx = torch.empty((B, T, C), dtype=x_dtype, device=dev)
     dy = torch.empty((B, T, C), dtype=y.dtype, device=dev) if has_res else None
