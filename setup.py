@@ -8,8 +8,9 @@ import os
 
 from setuptools import setup
 
-packages = ["imm_fast", "imm_fast.ops", "imm_fast.models", "imm_fast.kernels"]
-package_dir = {"imm_fast": "imm_fast", "imm_fast.kernels": "kernels"}
+packages = ["imm_fast", "imm_fast.ops", "imm_fast.models", "imm_fast.kernels", "imm_fast.csrc"]
+# csrc/ also ships as package data (imm_fast/csrc), so a wheel can still build the extension just in time.
+package_dir = {"imm_fast": "imm_fast", "imm_fast.kernels": "kernels", "imm_fast.csrc": "csrc"}
 
 
 def ext_modules_and_cmdclass():
@@ -60,7 +61,7 @@ setup(
                 "PyTorch training and sampling layer",
     packages=packages,
     package_dir=package_dir,
-    package_data={"imm_fast": ["data/*"], "": ["*.cpp", "*.cu", "*.h"]},
+    package_data={"imm_fast.csrc": ["*.cpp", "*.cu", "*.h"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.3",

@@ -33,7 +33,10 @@ _loaded = None  # None: not tried yet; True / False: the ops are / are not regis
 
 
 def _csrc_dir() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+    """csrc/ beside the package (a source or editable install), else the copy installed as imm_fast/csrc."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    beside = os.path.join(os.path.dirname(here), "csrc")
+    return beside if os.path.isdir(beside) else os.path.join(here, "csrc")
 
 
 def _cuda_build_possible() -> bool:
