@@ -3,8 +3,8 @@
 A run folder <out_dir>/<run_name>/ holds:
   config.json                      the resolved TrainConfig
   metrics.jsonl                    one JSON object per logged step (loss, grad norm, lr, it/s, samples/s) + evals
-  samples/step-XXXXXXX-Nstep.png   sample grids of the EMA model at each step count N
-  checkpoints/step-XXXXXXX/        model.safetensors, ema.safetensors, train_state.pt, config.json
+  samples/step-<7-digit step>-<N>step.png sample grids of the EMA model at each step count N
+  checkpoints/step-<7-digit step>/ model.safetensors, ema.safetensors, train_state.pt, config.json
   checkpoints/latest               the name of the newest complete checkpoint
   final_metrics.json               the metrics at the end (digits: accuracy and Frechet distance per step count)
 
@@ -152,7 +152,7 @@ def _set_rng_state(st):
 
 
 def save_checkpoint(run_dir: Path, step: int, model, ema, opt, gens: dict, sampler, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-XXXXXXX/ into a temporary sibling, then rename it into place; update `latest`.
+    """Write checkpoints/step-<7-digit step>/ into a temporary sibling, then rename it into place; update `latest`.
 
     A finished checkpoint is never overwritten (if it exists already, it is kept and returned).
     """

@@ -44,6 +44,17 @@ def _load_z(x_ptr, y_ptr, g, r, offs_d, D, M, stride_x, stride_y):
 
 
 @triton.jit
+def _pair_diff(x_ptr, y_ptr, g, rows_i, rows_j, offs_d, D, M, stride_x, stride_y, BM: tl.constexpr, R: tl.constexpr):
+    """z_i - z_j for this program's rows i against all rows j of the group, (BM, R, BLOCK_D) fp32."""
+    zj = _load_z(x_ptr, y_ptr, g, rows_j, offs_d, D, M, stride_x, stride_y)  # (R, BLOCK_D)
+    if BM == R:
+        zi = zj
+    else:
+        zi = _load_z(x_ptr, y_ptr, g, rows_i, offs_d, D, M, stride_x, stride_y)  # (BM, BLOCK_D)
+    return zi[:, None, :] - zj[None, :, :]
+
+
+@triton.jit
 def _expm1(u):
     """exp(u) - 1 without cancellation for small |u| (Kahan: (e - 1) * u / log(e) with e = exp(u))."""
     e = tl.exp(u)
@@ -87,12 +98,7 @@ def _mmd_fwd_kernel(
     acc = tl.zeros((BM, R), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + arange_d
-        zj = _load_z(x_ptr, y_ptr, g, rows_j, offs_d, D, M, stride_x, stride_y)  # (R, BLOCK_D)
-        if BM == R:
-            zi = zj
-        else:
-            zi = _load_z(x_ptr, y_ptr, g, rows_i, offs_d, D, M, stride_x, stride_y)  # (BM, BLOCK_D)
-        diff = zi[:, None, :] - zj[None, :, :]  # (BM, R, BLOCK_D)
+        diff = _pair_diff(x_ptr, y_ptr, g, rows_i, rows_j, offs_d, D, M, stride_x, stride_y, BM, R)
         acc += tl.sum(diff * diff, axis=2)
 
     # Kernel values and derivative coefficients. dk(a, b)/da = coef * (a - b), zero where the floor is active.
@@ -102,10 +108,10 @@ def _mmd_fwd_kernel(
     sign_j = tl.where(rows_j < M, 1.0, -1.0)
     sign = tl.where(valid, sign_i[:, None] * sign_j[None, :], 0.0)  # (BM, R)
     if RBF:
-        u = -s * inv_D * tl.maximum(acc, eps * eps)
+        u = -s * inv_D * tl.maximum(acc, eps * eps, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as in the reference
     else:
         dist = tl.sqrt_rn(acc)  # IEEE sqrt (tl.sqrt is sqrt.approx); only BM x R of them
-        u = -s * inv_D * tl.maximum(dist, eps)
+        u = -s * inv_D * tl.maximum(dist, eps, propagate_nan=tl.PropagateNan.ALL)
     if LIBDEVICE:
         k = libdevice.exp(u)
         em1 = libdevice.expm1(u)
@@ -131,12 +137,7 @@ def _mmd_fwd_kernel(
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + arange_d
             mask_d = offs_d < D
-            zj = _load_z(x_ptr, y_ptr, g, rows_j, offs_d, D, M, stride_x, stride_y)  # (R, BLOCK_D)
-            if BM == R:
-                zi = zj
-            else:
-                zi = _load_z(x_ptr, y_ptr, g, rows_i, offs_d, D, M, stride_x, stride_y)  # (BM, BLOCK_D)
-            diff = zi[:, None, :] - zj[None, :, :]  # (BM, R, BLOCK_D)
+            diff = _pair_diff(x_ptr, y_ptr, g, rows_i, rows_j, offs_d, D, M, stride_x, stride_y, BM, R)
             grad = tl.sum(w[:, :, None] * diff, axis=1)  # (BM, BLOCK_D)
             if NEED_GX:
                 tl.store(gx_ptr + out_x[:, None] * D + offs_d[None, :], grad.to(gx_ptr.dtype.element_ty),

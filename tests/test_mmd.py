@@ -468,3 +468,17 @@ def test_fp16_gradients_keep_their_digits(backend):
         err = (got.double() - ref).abs().max()
         err_round = (ref.half().double() - ref).abs().max()  # the best an fp16 gradient can do
         assert err <= 1.2 * err_round + 1e-9, (float(err), float(err_round))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("kernel", ["laplace", "rbf"])
+def test_nan_particle_makes_its_group_nan(backend, kernel):
+    """As in mmd_loss_ref: a NaN particle makes its group's MMD2 NaN (so the IMM loss's NaN guard sees it) and
+    leaves the other groups untouched."""
+    _skip_unless_usable(backend, "cpu")
+    x, y = torch.randn(6, 9), torch.randn(6, 9)
+    x[1, 4] = float("nan")
+    got = mmd_loss(x, y, 2, scale=2.0, kernel=kernel, reduction="none", backend=backend)
+    want = mmd_loss_ref(x.double(), y.double(), 2, scale=2.0, kernel=kernel, reduction="none")
+    assert torch.isnan(got[0]) and torch.isnan(want[0])
+    torch.testing.assert_close(got[1:].double(), want[1:], rtol=1e-5, atol=1e-7)
