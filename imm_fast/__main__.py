@@ -64,7 +64,7 @@ def _cmd_sample(args):
 
     from .checkpoint import load_official
     from .sampling import sample
-    from .training import save_png
+    from ._files import save_png
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

@@ -10,6 +10,12 @@
   model.safetensors;
 - a plain state dict (.pt/.pth/.safetensors, with or without the `model.` prefix); its architecture is inferred
   from the tensor shapes, the IMM settings from `model_kwargs` (default: the ImageNet euler_fm/stride settings).
+
+Training state (the end of this file): `save_checkpoint` writes checkpoints/step-<7-digit step>/ into a temporary
+sibling with a manifest (sizes + sha256) written LAST, renames it into place, then updates `latest`;
+`find_checkpoint` is the one resolver of a run folder / checkpoints folder / checkpoint folder: the newest complete,
+verified checkpoint, `latest` followed only to a name inside checkpoints/, any fallback explained in one line;
+`RunLock` keeps one writer per run folder.
 """
 from __future__ import annotations
 
@@ -18,12 +24,18 @@ import io
 import json
 import os
 import pickle
-import tempfile
+import re
+import shutil
+import socket
+import sys
+import time
 import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+from ._files import atomic_write, atomic_write_text, fsync_dir
 
 FORMAT = "imm_fast"
 
@@ -35,27 +47,6 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
 # --------------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------------
-def atomic_write(path, write_fn):
-    """write_fn(tmp_path) into a temporary file beside `path`, fsync it, then os.replace it into place.
-
-    A crash at any moment leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_model(path, model, state_dict=None):
     """Write `state_dict` (default: model.state_dict()) of an IMM model as one safetensors file, atomically.
 
@@ -329,10 +320,8 @@ def load_official(path, device="cpu", key="ema", fused=None, model_kwargs=None):
     if not p.exists():
         raise FileNotFoundError(f"path={str(path)!r} does not exist")
     if p.is_dir():
-        if (p / "latest").is_file():
-            p = p / (p / "latest").read_text().strip()
-        elif (p / "checkpoints" / "latest").is_file():
-            p = p / "checkpoints" / (p / "checkpoints" / "latest").read_text().strip()
+        if (p / "latest").is_file() or (p / "checkpoints").is_dir():
+            p = find_checkpoint(p)  # a run folder or its checkpoints/: the newest verified checkpoint
         for name in ("ema.safetensors", "model.safetensors"):
             if (p / name).is_file():
                 return load_official(p / name, device, key, fused, model_kwargs)
@@ -371,3 +360,335 @@ def _from_plain_state_dict(sd, device, fused, model_kwargs):
         raise ValueError(f"state dict is not an IMM DiT (missing {e})") from None
     kw.update(model_kwargs or {})
     return build_from_kwargs(kw, sd, device, fused)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training state: checkpoints/step-<7-digit step>/ with a manifest written last, the one `latest` resolver,
+# stale temporaries, and the run-folder lock
+# --------------------------------------------------------------------------------------------------------------
+CKPT_PREFIX = "step-"
+MANIFEST = "manifest.json"
+CKPT_FILES = ("model.safetensors", "ema.safetensors", "train_state.pt", "config.json")
+_CKPT_NAME = re.compile(r"step-(\d+)")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met non-finite values it must not keep (weights, or too many non-finite steps in a row)."""
+
+
+class RunFolderBusyError(ValueError):
+    """Another live process holds the run folder's lock."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CKPT_PREFIX}{step:07d}"
+
+
+def _test_pause(point: str, step: int):
+    """Test-only: IMM_FAST_TEST_PAUSE=<point>[@<step>] stops a checkpoint write here until the process is killed
+    (points: before_manifest, before_rename, after_rename), so tests can kill -9 at a chosen moment."""
+    want = os.environ.get("IMM_FAST_TEST_PAUSE")
+    if not want:
+        return
+    name, _, at = want.partition("@")
+    if name == point and (not at or int(at) == step):
+        print(f"IMM_FAST_TEST_PAUSE {point} step {step}", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _nonfinite_entries(state_dict) -> list:
+    """Names of floating-point tensors holding NaN or inf (one host sync for the whole state dict)."""
+    keys = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not keys:
+        return []
+    ok = torch.stack([torch.isfinite(state_dict[k]).all() for k in keys]).tolist()
+    return [k for k, good in zip(keys, ok) if not good]
+
+
+def save_checkpoint(run_dir, step: int, model, ema_state_dict, train_state: dict, config: dict) -> Path:
+    """Write <run_dir>/checkpoints/step-<7-digit step>/ and point `latest` at it; returns the folder.
+
+    Order: model.safetensors, ema.safetensors, train_state.pt, config.json, then manifest.json (sizes + sha256 of
+    those four) LAST, all in a temporary sibling; fsync; one rename makes the folder appear complete; then `latest`.
+    A finished checkpoint is never overwritten (if it exists already, it is kept and returned). Non-finite weights
+    are refused (NonFiniteError) before anything is written.
+    """
+    run_dir = Path(run_dir)
+    core = getattr(model, "module", model)
+    for what, sd in (("model", core.state_dict()), ("EMA", ema_state_dict)):
+        bad = _nonfinite_entries(sd)
+        if bad:
+            raise NonFiniteError(f"refusing to write checkpoint {checkpoint_name(step)}: the {what} weights hold NaN "
+                                 f"or inf ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
+    ck_root = run_dir / "checkpoints"
+    name = checkpoint_name(step)
+    final = ck_root / name
+    if final.exists():
+        return final
+    tmp = ck_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_model(tmp / "model.safetensors", model)
+    save_model(tmp / "ema.safetensors", model, state_dict=ema_state_dict)
+    atomic_write(tmp / "train_state.pt", lambda f: torch.save(train_state, f))
+    atomic_write_text(tmp / "config.json", json.dumps(config, indent=1))
+    _test_pause("before_manifest", step)
+    manifest = {"format": "imm_fast-train-state", "version": 1, "step": step,
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in CKPT_FILES}}
+    atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
+    fsync_dir(tmp)
+    _test_pause("before_rename", step)
+    os.rename(tmp, final)  # atomic on POSIX: the folder appears complete or not at all
+    fsync_dir(ck_root)
+    _test_pause("after_rename", step)
+    atomic_write_text(ck_root / "latest", name + "\n")
+    fsync_dir(ck_root)
+    return final
+
+
+_VERIFIED = {}  # (folder, stat of its files) -> None: a checkpoint is hashed once per process, not per lookup
+
+
+def verify_checkpoint(ck) -> "str | None":
+    """None when folder `ck` is a complete checkpoint whose files match its manifest, else the reason (a phrase).
+
+    A folder with the four files but no manifest (written before manifests existed) passes; nothing written by
+    save_checkpoint can lack one, since the manifest is written before the rename that publishes the folder.
+    """
+    ck = Path(ck)
+    if not ck.is_dir():
+        return "not a folder"
+    missing = [f for f in CKPT_FILES if not (ck / f).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)} (incomplete)"
+    stats = tuple((f, (ck / f).stat().st_size, (ck / f).stat().st_mtime_ns) for f in CKPT_FILES + (MANIFEST,)
+                  if (ck / f).is_file())
+    key = (str(ck.resolve()), stats)
+    if key in _VERIFIED:
+        return None
+    if not (ck / MANIFEST).is_file():
+        _VERIFIED[key] = None
+        return None
+    try:
+        manifest = json.loads((ck / MANIFEST).read_text())
+        files = manifest["files"]
+        if sorted(files) != sorted(CKPT_FILES):
+            return f"{MANIFEST} lists {sorted(files)}, expected {sorted(CKPT_FILES)} (corrupt)"
+        for f, want in files.items():
+            size = (ck / f).stat().st_size
+            if size != want["bytes"]:
+                return f"{f} has {size} bytes, its manifest says {want['bytes']} (corrupt or truncated)"
+            if _sha256(ck / f) != want["sha256"]:
+                return f"{f} does not match its sha256 in {MANIFEST} (corrupt)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__}: {e}) (corrupt)"
+    _VERIFIED[key] = None
+    return None
+
+
+def list_checkpoints(ck_root) -> list:
+    """Names of the step-<digits> folders in a checkpoints/ folder, newest (highest step) first."""
+    ck_root = Path(ck_root)
+    if not ck_root.is_dir():
+        return []
+    names = [p.name for p in ck_root.iterdir() if _CKPT_NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted(names, key=lambda n: int(n[len(CKPT_PREFIX):]), reverse=True)
+
+
+def read_latest(ck_root) -> "str | None":
+    """The checkpoint name in <ck_root>/latest (None without one). It must name a folder inside ck_root: an
+    absolute path, a `..` or any other path is refused (a resume would otherwise write into another run)."""
+    latest = Path(ck_root) / "latest"
+    if not latest.is_file():
+        return None
+    text = latest.read_text().strip()
+    if not _CKPT_NAME.fullmatch(text):
+        raise ValueError(f"{str(latest)!r} holds {text!r}, which is not a checkpoint name inside {str(ck_root)!r} "
+                         f"(expected {CKPT_PREFIX}<digits>, no path); refusing to follow it. Fix or delete the file")
+    return text
+
+
+def _step_of(name: str) -> int:
+    return int(name[len(CKPT_PREFIX):])
+
+
+def resolve_checkpoint(path):
+    """(checkpoint folder, notes): the one resolver behind resume and load_official.
+
+    path: a checkpoint folder (it must verify), or a run folder / its checkpoints/ folder: the newest checkpoint
+    that is complete and verifies; `latest` is only a cross-check (a kill between the rename of a new checkpoint
+    and the update of `latest` leaves it one behind). notes: why another checkpoint than `latest` was chosen.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"resume={str(path)!r} does not exist")
+    if (p / "train_state.pt").is_file() or (p / MANIFEST).is_file():
+        problem = verify_checkpoint(p)
+        if problem:
+            raise ValueError(f"checkpoint {str(p)!r} is corrupt or incomplete: {problem}; resume from its run folder "
+                             "to fall back to the newest checkpoint that verifies")
+        return p, []
+    ck_root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    pointer = read_latest(ck_root)
+    names = list_checkpoints(ck_root)
+    if not names:
+        raise ValueError(f"resume={str(path)!r} is neither a checkpoint folder (with train_state.pt) nor a run "
+                         "folder with checkpoints")
+    notes = []
+    if pointer is not None and pointer not in names:
+        notes.append(f"checkpoints/latest names {pointer}, which does not exist")
+    chosen = None
+    for name in names:
+        problem = verify_checkpoint(ck_root / name)
+        if problem is None:
+            chosen = name
+            break
+        notes.append(f"{name} failed verification: {problem}")
+    if chosen is None:
+        raise ValueError(f"no complete, verified checkpoint in {str(ck_root)!r}: " + "; ".join(notes))
+    if pointer in names and _step_of(pointer) < _step_of(chosen):
+        notes.append(f"checkpoints/latest names {pointer} but {chosen} is newer and complete (the run stopped "
+                     "before updating latest)")
+    return ck_root / chosen, notes
+
+
+def find_checkpoint(path, explain: bool = True) -> Path:
+    """The checkpoint folder to resume or load from (see resolve_checkpoint); a fallback is explained in one
+    line on stderr when `explain`."""
+    ck, notes = resolve_checkpoint(path)
+    if notes and explain:
+        print(f"imm_fast: using checkpoint {ck}: " + "; ".join(notes), file=sys.stderr, flush=True)
+    return ck
+
+
+def repair_run_folder(run_dir, chosen: Path) -> list:
+    """With the run lock held, after resume chose `chosen`: remove stale temporaries (.tmp-step-* folders and
+    atomic-write leftovers), move checkpoints newer than `chosen` (they failed verification) aside to
+    corrupt-step-* (kept for inspection, never deleted), and point `latest` at `chosen`. Returns what was done."""
+    ck_root = Path(run_dir) / "checkpoints"
+    done = []
+    stale = sorted(ck_root.glob(f".tmp-{CKPT_PREFIX}*")) + sorted(ck_root.glob(".*.tmp")) + \
+        sorted(Path(run_dir).glob(".*.tmp"))
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if stale:
+        done.append(f"removed {len(stale)} stale temporar{'y' if len(stale) == 1 else 'ies'} of a killed run "
+                     f"({', '.join(p.name for p in stale[:3])}{', ...' if len(stale) > 3 else ''})")
+    for name in list_checkpoints(ck_root):
+        if Path(chosen).parent == ck_root and _step_of(name) > _step_of(chosen.name):
+            aside = ck_root / f"corrupt-{name}"
+            n = 1
+            while aside.exists():
+                aside, n = ck_root / f"corrupt-{name}.{n}", n + 1
+            os.rename(ck_root / name, aside)
+            done.append(f"moved {name} (it does not verify) aside to {aside.name}")
+    if Path(chosen).parent == ck_root:
+        try:
+            pointer = read_latest(ck_root)
+        except ValueError:
+            pointer = None
+        if pointer != chosen.name:
+            atomic_write_text(ck_root / "latest", chosen.name + "\n")
+            done.append(f"pointed latest at {chosen.name}")
+    return done
+
+
+def read_checkpoint(ck):
+    """(model state dict, EMA state dict, train state) of a checkpoint folder; corrupt files raise ValueError.
+    train_state.pt loads with weights_only=True: no code runs when a checkpoint is read."""
+    from safetensors.torch import load_file
+
+    ck = Path(ck)
+    try:
+        state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=True)
+        model_sd = load_file(str(ck / "model.safetensors"))
+        ema_sd = load_file(str(ck / "ema.safetensors"))
+    except Exception as e:
+        raise ValueError(f"checkpoint {str(ck)!r} is unreadable or corrupt ({type(e).__name__}: {e})") from e
+    return model_sd, ema_sd, state
+
+
+class RunLock:
+    """One writer per run folder: an exclusive fcntl.flock on <run>/run.lock, held for the life of the run.
+
+    The OS drops the lock when its holder dies, however it dies, so a lock left by a killed run is taken over
+    (with a warning naming it); a live holder makes a second writer fail at once with RunFolderBusyError naming
+    its pid, host and start time (written inside the file). The file is emptied, not deleted, on release:
+    deleting it would let two processes lock two different files of the same name.
+    """
+
+    NAME = "run.lock"
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / self.NAME
+        self.fd = None
+
+    def _holder(self, fd) -> dict:
+        try:
+            raw = os.pread(fd, 4096, 0)
+            return json.loads(raw) if raw.strip() else {}
+        except (OSError, ValueError):
+            return {"unreadable": True}
+
+    @staticmethod
+    def _describe(h: dict) -> str:
+        return (f"pid {h.get('pid', '?')} on host {h.get('host', '?')} (started {h.get('started', '?')}, "
+                f"command {h.get('command', '?')!r})")
+
+    def acquire(self):
+        import fcntl
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._holder(fd)
+            os.close(fd)
+            raise RunFolderBusyError(
+                f"run folder {str(self.run_dir)!r} is in use by {self._describe(holder)}: one run folder takes one "
+                "writer (two would interleave checkpoints and metrics). Wait for it to finish or stop it, or choose "
+                "another run_name") from None
+        prev = self._holder(fd)
+        if prev:
+            print(f"imm_fast: taking over the lock of {str(self.run_dir)!r} left by {self._describe(prev)}, which no "
+                  "longer holds it (it was killed)", file=sys.stderr, flush=True)
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                "command": " ".join(sys.argv)[:200]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+        os.fsync(fd)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is None:
+            return
+        import fcntl
+
+        try:
+            os.ftruncate(self.fd, 0)
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

@@ -178,6 +178,7 @@ class TrainConfig:
     weight_decay: float = 0.0         # decoupled weight decay
     warmup_steps: int = 0             # linear learning-rate warmup (steps)
     grad_clip: float = 0.0            # max global grad norm (0 = no clipping; the norm is logged either way)
+    max_nonfinite_steps: int = 3      # consecutive skipped steps (non-finite loss or grad norm) before the run stops
     ema_decay: float = 0.9999         # EMA of the weights (evaluation only)
     ema_warmup: bool = False          # decay_eff = min(ema_decay, (1 + step) / (10 + step)) for short runs
     amp: Optional[str] = "bf16"       # student-pass autocast on CUDA (ignored on CPU): None, "bf16" or "fp16"
@@ -204,7 +205,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("amp", self.amp, (None, "bf16", "fp16"))
         _choice("compile", self.compile, (None, "regional", "full"))
-        for name in ("batch_size", "grad_accum", "max_steps"):
+        for name in ("batch_size", "grad_accum", "max_steps", "max_nonfinite_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")

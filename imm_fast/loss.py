@@ -3,7 +3,8 @@
 Per group g one (s, r, t) shared by its M particles; per particle x_t = alpha_t x + sigma_t eps and
 x_r = alpha_r x + sigma_r eps with the same (x, eps); student y_t = f_theta(x_t, s, t) with dropped labels;
 target y_r = f_theta(x_r, s, r) under no_grad, fp32, with the RNG state restored so dropout masks match;
-loss = mean_g w(s,t) MMD2_g(y_t, y_r) with the Laplace kernel scale w~(s,t); NaN group losses become 0.
+loss = mean_g w(s,t) MMD2_g(y_t, y_r) with the Laplace kernel scale w~(s,t). Non-finite groups contribute 0 to the
+loss AND exactly 0 to the gradient (spec: "NaN losses become 0"; see imm_loss), and are counted.
 
 Shapes: B batch, G groups, M particles, (Cin, R, R) per sample.
 """
@@ -30,6 +31,7 @@ class IMMLossOutput:
     s: torch.Tensor               # (G,)
     r: torch.Tensor               # (G,)
     kernel_means: Optional[torch.Tensor] = None  # (G, 3): student-student, target-target, cross
+    nonfinite_groups: Optional[torch.Tensor] = None  # () int64 on x's device: groups masked out (no host sync)
 
 
 def _truncated_normal(n, mean, std, lo, hi, generator, device):
@@ -116,11 +118,18 @@ def imm_loss(model, x, labels=None, cfg: LossConfig = LossConfig(), *, target_mo
         raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     if drop_mask is None and labels is not None and cfg.label_dropout > 0 and core.label_dim > 0:
         drop_mask = (torch.rand(B, generator=generator) < cfg.label_dropout).to(dev)
+    # Non-finite guard, part 1: a particle whose data or noise holds NaN/inf is replaced by zeros and its group
+    # masked below. Masking the loss alone is not enough: a NaN that entered the network reaches every weight
+    # gradient through 0 * NaN in the backward of each layer. torch.where keeps finite batches bit-identical.
+    bshape = (B,) + (1,) * (x.dim() - 1)
+    row_ok = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(noise).flatten(1).all(1)  # (B,)
+    zero = torch.zeros((), dtype=x.dtype, device=dev)
+    x = torch.where(row_ok.reshape(bshape), x, zero)
+    noise = torch.where(row_ok.reshape(bshape), noise, zero.to(noise.dtype))
     student_labels = drop_labels(labels, drop_mask, core.label_dim)
     target_labels = student_labels if cfg.target_labels == "dropped" else labels
 
     # Per-particle times: every particle of group g shares (s_g, r_g, t_g).
-    bshape = (B,) + (1,) * (x.dim() - 1)
     tp, sp, rp = (v.to(x.dtype).repeat_interleave(M) for v in (t, s, r))  # (B,)
     alpha_t, sigma_t = core.alpha_sigma(tp.reshape(bshape))
     alpha_r, sigma_r = core.alpha_sigma(rp.reshape(bshape))
@@ -135,11 +144,22 @@ def imm_loss(model, x, labels=None, cfg: LossConfig = LossConfig(), *, target_mo
 
     w = sch.weight(t, cfg.a, cfg.b, core.noise_schedule)  # (G,) float64
     scale = sch.kernel_scale(s, t, core.f_type, core.noise_schedule, core.sigma_data)  # (G,)
-    mmd = mmd_loss(y_t.reshape(B, -1), y_r.reshape(B, -1).to(y_t.dtype), M, scale=scale.float(), eps=cfg.kernel_eps,
-                   kernel=cfg.kernel, reduction="none", backend=cfg.backend)  # (G,)
-    per_group = torch.nan_to_num(w.to(mmd.dtype) * mmd, nan=0.0)
-    out = IMMLossOutput(loss=per_group.mean(), mmd=mmd.detach(), weight=w, scale=scale, t=t, s=s, r=r)
+    # Part 2: a group with bad inputs or a non-finite student/target output enters the MMD as zeros, and groups
+    # whose weighted MMD is still non-finite are selected away: torch.where's backward sends exactly zero to the
+    # masked entries (nan_to_num zeroed the loss, but 0 * NaN in the MMD backward still reached y_t).
+    y_t, y_r = y_t.reshape(B, -1), y_r.reshape(B, -1)  # (B, D)
+    group_ok = (row_ok & torch.isfinite(y_t.detach()).all(1) & torch.isfinite(y_r).all(1)).reshape(G, M).all(1)
+    rows = group_ok.repeat_interleave(M)[:, None]  # (B, 1)
+    zero_y = torch.zeros((), dtype=y_t.dtype, device=dev)
+    mmd = mmd_loss(torch.where(rows, y_t, zero_y), torch.where(rows, y_r.to(y_t.dtype), zero_y), M,
+                   scale=scale.float(), eps=cfg.kernel_eps, kernel=cfg.kernel, reduction="none",
+                   backend=cfg.backend)  # (G,)
+    contrib = w.to(mmd.dtype) * mmd  # (G,)
+    ok = group_ok & torch.isfinite(contrib)  # (G,)
+    per_group = torch.where(ok, contrib, torch.zeros((), dtype=contrib.dtype, device=contrib.device))
+    out = IMMLossOutput(loss=per_group.mean(), mmd=torch.where(group_ok, mmd.detach(), float("nan")), weight=w,
+                        scale=scale, t=t, s=s, r=r, nonfinite_groups=(~ok).sum())
     if diagnostics:
-        out.kernel_means = mmd_terms(y_t.detach().reshape(B, -1), y_r.reshape(B, -1), M, scale=scale.float(),
+        out.kernel_means = mmd_terms(y_t.detach(), y_r, M, scale=scale.float(),
                                      eps=cfg.kernel_eps, kernel=cfg.kernel)
     return out

@@ -72,7 +72,7 @@ def digits_classifier(refresh=False) -> DigitsClassifier:
     """The cached digits classifier (trained on the training split on first use, a few seconds on a CPU)."""
     from safetensors.torch import load_file, save_file
 
-    from .checkpoint import atomic_write
+    from ._files import atomic_write
 
     path = cache_dir() / f"digits_classifier_v{CLASSIFIER_VERSION}.safetensors"
     net = DigitsClassifier()

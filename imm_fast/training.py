@@ -2,11 +2,22 @@
 
 A run folder <out_dir>/<run_name>/ holds:
   config.json                      the resolved TrainConfig
-  metrics.jsonl                    one JSON object per logged step (loss, grad norm, lr, it/s, samples/s) + evals
+  run.lock                         locked (fcntl.flock) by the one process writing the folder, which it names
+  metrics.jsonl                    one JSON object per logged step (loss, grad norm, lr, it/s, samples/s, skipped
+                                   steps, non-finite groups) + evals; strict JSON (non-finite numbers become null)
   samples/step-<7-digit step>-<N>step.png sample grids of the EMA model at each step count N
-  checkpoints/step-<7-digit step>/ model.safetensors, ema.safetensors, train_state.pt, config.json
+  checkpoints/step-<7-digit step>/ model.safetensors, ema.safetensors, train_state.pt, config.json, manifest.json
   checkpoints/latest               the name of the newest complete checkpoint
   final_metrics.json               the metrics at the end (digits: accuracy and Frechet distance per step count)
+
+`train` reads top to bottom: _setup (checks, the run folder under its lock, model, EMA, optimizer, generators,
+resume), then per step _train_step (one optimizer step, or a skipped one), _update_ema, _log, and _checkpoint /
+_sample / _evaluate when due. Checkpoint files, the one `latest` resolver and the lock live in imm_fast.checkpoint.
+
+A long run never lies: a step whose loss or global grad norm is non-finite is skipped (optimizer, EMA and lr
+schedule untouched; one device-to-host sync per step decides it) and counted; after cfg.max_nonfinite_steps skips in
+a row the run stops with NonFiniteError naming the step, the last good checkpoint and likely causes. Weights with
+NaN/inf are never checkpointed.
 
 Randomness, and why resume and data parallelism are exact: every random draw of a step (the batch indices,
 flips, the (s, r, t) of each group, the noise of each particle and the label-drop mask) is made for the GLOBAL batch
@@ -26,7 +37,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,9 +46,10 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import TrainConfig, config_to_dict, load_train_config
-
-CKPT_PREFIX = "step-"
+from ._files import atomic_write_text, save_png
+from .checkpoint import (CKPT_PREFIX, NonFiniteError, RunLock, _nonfinite_entries, find_checkpoint, list_checkpoints,
+                         read_checkpoint, repair_run_folder, save_checkpoint, verify_checkpoint)
+from .config import LossConfig, TrainConfig, config_to_dict, load_train_config
 
 
 @dataclass
@@ -49,7 +60,7 @@ class TrainResult:
     checkpoint: Optional[Path] = None            # the last checkpoint folder
 
     def __str__(self):
-        return f"run folder: {self.run_dir}\nstep: {self.step}\nmetrics: {json.dumps(self.metrics, indent=1)}"
+        return f"run folder: {self.run_dir}\nstep: {self.step}\nmetrics: {_dump(self.metrics, indent=1)}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -111,26 +122,8 @@ def _barrier(d: _Dist):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Training state (its files: imm_fast.checkpoint)
 # ----------------------------------------------------------------------------------------------------------------
-def find_checkpoint(path) -> Path:
-    """A checkpoint folder from a checkpoint folder, a run folder or its checkpoints/ folder (via `latest`)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"resume={str(path)!r} does not exist")
-    if (p / "train_state.pt").is_file():
-        return p
-    for ck in (p / "checkpoints", p):
-        latest = ck / "latest"
-        if latest.is_file():
-            target = ck / latest.read_text().strip()
-            if (target / "train_state.pt").is_file():
-                return target
-            raise ValueError(f"{str(latest)!r} points at {str(target)!r}, which is not a complete checkpoint")
-    raise ValueError(f"resume={str(path)!r} is neither a checkpoint folder (with train_state.pt) nor a run folder "
-                     "with checkpoints/latest")
-
-
 def _rng_state():
     # Only tensors, ints, floats, strings and tuples: train_state.pt loads with torch.load(weights_only=True).
     name, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -151,94 +144,22 @@ def _set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, ema, opt, gens: dict, sampler, cfg: TrainConfig) -> Path:
-    """Write checkpoints/step-<7-digit step>/ into a temporary sibling, then rename it into place; update `latest`.
-
-    A finished checkpoint is never overwritten (if it exists already, it is kept and returned).
-    """
-    from .checkpoint import atomic_write, save_model
-
-    ck_root = run_dir / "checkpoints"
-    name = f"{CKPT_PREFIX}{step:07d}"
-    final = ck_root / name
-    if final.exists():
-        return final
-    tmp = ck_root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model(tmp / "model.safetensors", model)
-    save_model(tmp / "ema.safetensors", model, state_dict=ema.state_dict())
-    state = {"step": step, "optimizer": opt.state_dict(), "rng": _rng_state(),
-             "generators": {k: g.get_state() for k, g in gens.items()}, "sampler": sampler.state_dict(),
-             "torch_version": str(torch.__version__)}
-    atomic_write(tmp / "train_state.pt", lambda f: torch.save(state, f))
-    atomic_write(tmp / "config.json", lambda f: Path(f).write_text(json.dumps(config_to_dict(cfg), indent=1)))
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, final)  # atomic on POSIX: the folder appears complete or not at all
-    atomic_write(ck_root / "latest", lambda f: Path(f).write_text(name + "\n"))
-    return final
-
-
-def load_checkpoint(ck: Path, model, ema, opt, gens: dict, sampler) -> int:
-    """Restore everything save_checkpoint wrote; returns the step. Corrupt files raise a ValueError."""
-    from safetensors.torch import load_file
-
-    try:
-        state = torch.load(ck / "train_state.pt", map_location="cpu", weights_only=True)
-        model_sd = load_file(str(ck / "model.safetensors"))
-        ema_sd = load_file(str(ck / "ema.safetensors"))
-    except Exception as e:
-        raise ValueError(f"checkpoint {str(ck)!r} is unreadable or corrupt ({type(e).__name__}: {e})") from e
-    try:
-        model.load_state_dict(model_sd)
-        ema.load_state_dict(ema_sd)
-    except RuntimeError as e:
-        raise ValueError(f"checkpoint {str(ck)!r} does not match the configured model: {e}") from e
-    opt.load_state_dict(state["optimizer"])
-    for k, g in gens.items():
-        g.set_state(state["generators"][k])
-    sampler.load_state_dict(state["sampler"])
-    _set_rng_state(state["rng"])
-    return int(state["step"])
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Logging and images
+# Logging
 # ----------------------------------------------------------------------------------------------------------------
-def save_png(path, images_uint8, nrow=None, upscale=1):
-    """Write (N, C, R, R) uint8 images (C = 1 or 3) as one PNG grid (pure zlib, no PIL needed), atomically."""
-    import struct
-    import zlib
+def _json_safe(obj):
+    """A copy that json.dumps(allow_nan=False) accepts: NaN/inf become None (null)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
-    from .checkpoint import atomic_write
 
-    x = images_uint8.cpu()
-    n, c, h, w = x.shape
-    nrow = nrow or max(1, int(math.ceil(math.sqrt(n))))
-    ncol = int(math.ceil(n / nrow))
-    pad = 1
-    grid = torch.full((3, ncol * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        tile = x[i].expand(3, h, w) if c == 1 else x[i, :3]
-        grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = tile
-    if upscale > 1:
-        grid = grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
-    arr = grid.permute(1, 2, 0).contiguous().numpy()
-    H, W = arr.shape[:2]
-    raw = b"".join(b"\x00" + arr[i].tobytes() for i in range(H))
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
-    return atomic_write(path, lambda f: Path(f).write_bytes(png))
+def _dump(obj, **kw) -> str:
+    return json.dumps(_json_safe(obj), allow_nan=False, **kw)
 
 
 class _Logger:
@@ -251,8 +172,6 @@ class _Logger:
             return
         if resume_step is not None and self.path.is_file():
             # Drop lines a killed run wrote after the checkpoint we resume from, so the log reads as one run.
-            from .checkpoint import atomic_write
-
             keep = []
             for line in self.path.read_text().splitlines():
                 try:
@@ -260,7 +179,7 @@ class _Logger:
                         keep.append(line)
                 except json.JSONDecodeError:
                     pass
-            atomic_write(self.path, lambda f: Path(f).write_text("".join(k + "\n" for k in keep)))
+            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -272,10 +191,10 @@ class _Logger:
         if self.path is None:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_dump(record) + "\n")
         if self.tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, record.get("step", 0))
 
     def close(self):
@@ -311,7 +230,7 @@ class _Progress:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling during training
+# Sampling and evaluation during training
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def save_sample_grids(run_dir: Path, step: int, ema, ds, cfg: TrainConfig, device, vae=None):
@@ -378,37 +297,182 @@ def evaluate(ema, ds, cfg: TrainConfig, device) -> dict:
     return out
 
 
+def _scalars(obj):
+    """JSON-able copy without the pre-formatted table string."""
+    if isinstance(obj, dict):
+        return {k: _scalars(v) for k, v in obj.items() if k != "table"}
+    return obj
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# Setup: everything before step 0
 # ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Window:
+    """What the next metrics line averages: sums since the last line, on the device (no host sync per step)."""
+    sums: torch.Tensor       # (2,) float64: loss, grad norm of the applied steps
+    bad_groups: torch.Tensor  # () int64: groups masked out by imm_loss's non-finite guard (all attempts)
+    steps: int = 0           # applied optimizer steps
+    skipped: int = 0         # skipped steps (non-finite loss or grad norm)
+    t0: float = 0.0          # perf_counter at the last line
+    step0: int = 0           # step at the last line
+
+
+@dataclass
+class _Run:
+    """The state of one run between steps."""
+    cfg: TrainConfig
+    d: _Dist
+    device: torch.device
+    ds: object                   # the dataset (imm_fast.data)
+    model: torch.nn.Module       # the IMM model being trained
+    net: torch.nn.Module         # model, or its DDP wrapper (what the loss calls)
+    ema: torch.nn.Module         # the EMA of model's weights (sampling, evaluation)
+    opt: torch.optim.Optimizer
+    gens: dict                   # CPU generators in the same state on every rank: "loss" ((s, r, t), noise, drops), "data"
+    sampler: object              # data.EpochSampler: the data order
+    lcfg: LossConfig             # cfg.loss after the reference switch
+    run_dir: Optional[Path]      # the run folder (rank 0 writes; None on other ranks)
+    logger: _Logger
+    progress: _Progress
+    window: _Window
+    vae: object = None           # latents: the decoder of sample grids (rank 0)
+    step: int = 0                # optimizer steps applied
+    last_ck: Optional[Path] = None  # the newest checkpoint written or resumed from
+    skipped_in_a_row: int = 0
+
+
 def _resolve(cfg, overrides) -> TrainConfig:
     overrides = dict(overrides)
     if cfg is None and overrides.get("resume"):
         # Continue the saved run with its own config (overrides such as max_steps still apply).
-        ck = find_checkpoint(overrides["resume"])
+        ck = find_checkpoint(overrides["resume"], explain=False)
         saved = json.loads((ck / "config.json").read_text())
         saved.pop("resume", None)
         return load_train_config(saved, overrides)
     return load_train_config(cfg, overrides)
 
 
-def _make_run_dir(cfg: TrainConfig, d: _Dist, resume_ck: Optional[Path]) -> Optional[Path]:
-    if resume_ck is not None:
-        run_dir = resume_ck.parent.parent
-        later = sorted(p.name for p in resume_ck.parent.glob(f"{CKPT_PREFIX}*") if p.name > resume_ck.name)
-        if later:  # continuing would collide with (and must not overwrite) the later checkpoints
-            raise ValueError(f"resume={str(resume_ck)!r} is older than checkpoints {later} of the same run: resume "
-                             "from the run folder (its latest checkpoint), or copy the checkpoint into a new run "
-                             "folder's checkpoints/ to branch from it")
+def _claim_run_folder(cfg: TrainConfig, stack: contextlib.ExitStack):
+    """Rank 0: (run folder, checkpoint to resume or None), decided while holding the folder's lock."""
+    if cfg.resume:
+        run_dir = find_checkpoint(cfg.resume, explain=False).parent.parent
     else:
-        name = cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
-        run_dir = Path(cfg.out_dir) / name
-        if d.main and run_dir.exists() and (run_dir / "checkpoints").exists():
+        run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    stack.callback(RunLock(run_dir).acquire().release)
+    if not cfg.resume:
+        if (run_dir / "checkpoints").exists():
             raise ValueError(f"run folder {str(run_dir)!r} already holds checkpoints: pass resume={str(run_dir)!r} "
                              "to continue it, or choose another run_name")
-    return run_dir
+        return run_dir, None
+    ck = find_checkpoint(cfg.resume)  # again, under the lock; explains any fallback in one line
+    step = int(ck.name[len(CKPT_PREFIX):]) if ck.name.startswith(CKPT_PREFIX) else -1
+    later = [n for n in list_checkpoints(ck.parent)
+             if int(n[len(CKPT_PREFIX):]) > step and verify_checkpoint(ck.parent / n) is None]
+    if later:  # continuing would collide with (and must not overwrite) the later checkpoints
+        raise ValueError(f"resume={str(ck)!r} is older than checkpoints {later} of the same run: resume from the "
+                         "run folder (its newest checkpoint), or copy the checkpoint into a new run folder's "
+                         "checkpoints/ to branch from it")
+    for note in repair_run_folder(run_dir, ck):
+        print(f"imm_fast: {note}", file=sys.stderr, flush=True)
+    return run_dir, ck
 
 
+def _open_run_folder(cfg: TrainConfig, d: _Dist, stack: contextlib.ExitStack):
+    """(run folder, checkpoint to resume or None): rank 0 decides under the run lock, every rank learns it."""
+    answer = None
+    if d.main:
+        try:
+            answer = _claim_run_folder(cfg, stack)
+        except Exception as e:  # tell the other ranks too, so that none waits forever
+            answer = e
+    shared = _broadcast_object(answer, d)
+    if isinstance(answer, Exception):
+        raise answer
+    if isinstance(shared, Exception):
+        raise shared
+    return shared
+
+
+def _restore(ck: Path, model, ema, opt, gens: dict, sampler) -> int:
+    """Load everything _checkpoint saved into the live objects; returns the step."""
+    model_sd, ema_sd, state = read_checkpoint(ck)
+    try:
+        model.load_state_dict(model_sd)
+        ema.load_state_dict(ema_sd)
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {str(ck)!r} does not match the configured model: {e}") from e
+    opt.load_state_dict(state["optimizer"])
+    for k, g in gens.items():
+        g.set_state(state["generators"][k])
+    sampler.load_state_dict(state["sampler"])
+    _set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.ExitStack) -> _Run:
+    """Checks, dataset, the run folder (locked), model, EMA, optimizer, generators and the resume."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from .data import EpochSampler, build_dataset, check_compatible
+    from .models import build_model
+
+    A, M, B = cfg.grad_accum, cfg.loss.group_size, cfg.batch_size
+    if B % (d.world * A * M):
+        raise ValueError(f"batch_size={B} must be divisible by world size x grad_accum x loss.group_size = "
+                         f"{d.world} x {A} x {M} so that every rank gets whole groups")
+    # bf16/fp16 autocast of the student pass on CUDA (the target pass stays fp32); the reference switch.
+    mcfg, lcfg = cfg.model, cfg.loss
+    if device.type == "cuda" and cfg.amp and mcfg.mixed_precision is None:
+        mcfg = dataclasses.replace(mcfg, mixed_precision=cfg.amp)
+    if cfg.reference:  # the switch to the plain PyTorch path
+        mcfg, lcfg = dataclasses.replace(mcfg, fused=False), dataclasses.replace(lcfg, backend="torch")
+    if device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ds = build_dataset(cfg.data)
+    check_compatible(ds, mcfg)
+    run_dir, resume_ck = _open_run_folder(cfg, d, stack)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(mcfg).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.compile:
+        model.model.compile_regions(cfg.compile)  # in place: parameter names and checkpoints unchanged
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.RAdam
+    kw = {"decoupled_weight_decay": True} if cfg.optimizer == "radam" and cfg.weight_decay else {}
+    opt = opt_cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
+    gens = {"loss": torch.Generator().manual_seed(cfg.seed + 1), "data": torch.Generator().manual_seed(cfg.seed + 2)}
+    sampler = EpochSampler(len(ds), cfg.seed)
+    step = 0 if resume_ck is None else _restore(resume_ck, model, ema, opt, gens, sampler)
+
+    vae = None
+    if d.main:
+        if not (run_dir / "config.json").exists():
+            atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
+        if cfg.data.source == "latents" and cfg.data.vae_path:
+            from .vae import load_vae
+
+            vae = load_vae(cfg.data.vae_path, device)
+        print(f"imm_fast: training {cfg.name} on {device} (world {d.world}), run folder {run_dir}, "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(ds)} samples"
+              + (f", resumed at step {step}" if resume_ck else ""), file=sys.stderr, flush=True)
+    logger = _Logger(run_dir if d.main else None, step if resume_ck is not None else None)
+    stack.callback(logger.close)
+    progress = _Progress(cfg.progress and d.main, cfg.max_steps, step)
+    stack.callback(progress.close)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
+    window = _Window(torch.zeros(2, dtype=torch.float64, device=device),
+                     torch.zeros((), dtype=torch.int64, device=device), t0=time.perf_counter(), step0=step)
+    return _Run(cfg, d, device, ds, model, net, ema, opt, gens, sampler, lcfg, run_dir if d.main else None, logger,
+                progress, window, vae, step, resume_ck)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One step, the EMA, the metrics line
+# ----------------------------------------------------------------------------------------------------------------
 def _lr_at(cfg: TrainConfig, step: int) -> float:
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -419,206 +483,231 @@ def _due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
+@dataclass
+class _StepOut:
+    applied: bool                 # False: skipped, nothing was updated
+    lr: float
+    loss: torch.Tensor            # () this rank's loss (device)
+    grad_norm: torch.Tensor       # () global grad norm before clipping (device)
+
+
+def _draw_global_batch(run: _Run):
+    """The step's randomness for the GLOBAL batch, identical on every rank (the draw order is part of resume)."""
+    from .loss import draw_times
+
+    cfg, ds, g = run.cfg, run.ds, run.gens
+    B, M = cfg.batch_size, cfg.loss.group_size
+    idx = run.sampler.next(B)                                                              # (B,)
+    flips = torch.rand(B, generator=g["data"]) < 0.5 if cfg.data.hflip else None
+    s, r, t = draw_times(B // M, run.model, cfg.loss, g["loss"], "cpu")                    # (B/M,) each
+    noise = torch.randn((B,) + ds.shape, generator=g["loss"]) * run.model.sigma_data
+    drop = (torch.rand(B, generator=g["loss"]) < cfg.loss.label_dropout) \
+        if (ds.labels is not None and cfg.loss.label_dropout > 0) else None
+    return idx, flips, s, r, t, noise, drop
+
+
+def _all_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether every rank's loss and the grad norm are finite: the step's one device-to-host sync."""
+    flag = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
+    if run.d.world > 1:  # every rank must take the same decision
+        import torch.distributed as dist
+
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
+def _train_step(run: _Run) -> _StepOut:
+    """One optimizer step on the global batch (A micro-batches per rank); skipped when it is not finite."""
+    from .loss import imm_loss
+
+    cfg, d, device = run.cfg, run.d, run.device
+    A, M, B = cfg.grad_accum, cfg.loss.group_size, cfg.batch_size
+    b = B // (d.world * A)  # per-rank micro-batch
+    idx, flips, s_all, r_all, t_all, noise_all, drop_all = _draw_global_batch(run)
+    if d.world > 1:
+        # Dropout (the global RNG) differs per rank; seeding it from (seed, rank, step) keeps resume exact
+        # without saving every rank's RNG state (only rank 0 writes checkpoints).
+        torch.manual_seed((cfg.seed * 1_000_003 + run.step) * 4096 + d.rank)
+    run.opt.zero_grad(set_to_none=True)
+    loss = torch.zeros((), device=device)
+    for a in range(A):
+        lo = a * (B // A) + d.rank * b  # this rank's rows of micro-batch a
+        rows, groups = slice(lo, lo + b), slice(lo // M, (lo + b) // M)
+        x, y = run.ds.get(idx[rows], None if flips is None else flips[rows])
+        x, y = x.to(device, non_blocking=True), None if y is None else y.to(device)
+        sync = contextlib.nullcontext() if (d.world == 1 or a == A - 1) else run.net.no_sync()
+        with sync:
+            out = imm_loss(run.net, x, y, run.lcfg, target_model=run.model, t=t_all[groups], s=s_all[groups],
+                           r=r_all[groups], noise=noise_all[rows].to(device),
+                           drop_mask=None if drop_all is None else drop_all[rows].to(device))
+            (out.loss / A).backward()
+        loss += out.loss.detach().float() / A
+        run.window.bad_groups += out.nonfinite_groups
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    lr = _lr_at(cfg, run.step)
+    applied = _all_finite(run, loss, grad_norm)
+    if applied:
+        for group in run.opt.param_groups:
+            group["lr"] = lr
+        run.opt.step()
+    return _StepOut(applied, lr, loss, grad_norm.detach())
+
+
+def _last_good(run: _Run) -> str:
+    return f"last good checkpoint: {run.last_ck}" if run.last_ck else \
+        "no checkpoint was written yet (set ckpt_every to keep some)"
+
+
+_CAUSES = ("likely causes: NaN/inf in the data, a learning rate too high, weights that already became non-finite, "
+           "or fp16 overflow (amp=bf16 is safer); resume from the last good checkpoint with a lower lr or grad_clip > 0")
+
+
+def _skip(run: _Run, out: _StepOut):
+    """Count a skipped step; stop the run after cfg.max_nonfinite_steps of them in a row."""
+    cfg = run.cfg
+    run.window.skipped += 1
+    run.skipped_in_a_row += 1
+    loss, gn = float(out.loss), float(out.grad_norm)
+    if run.d.main:
+        print(f"imm_fast: step {run.step + 1} skipped: loss={loss}, grad_norm={gn} (non-finite; the weights, EMA "
+              f"and lr schedule are unchanged; {run.skipped_in_a_row} in a row)", file=sys.stderr, flush=True)
+    if run.skipped_in_a_row >= cfg.max_nonfinite_steps:
+        msg = (f"stopping at step {run.step + 1}: {run.skipped_in_a_row} optimizer steps in a row had a non-finite "
+               f"loss or gradient norm (last: loss={loss}, grad_norm={gn}, lr={out.lr}; max_nonfinite_steps="
+               f"{cfg.max_nonfinite_steps}); none of them reached the weights; {_last_good(run)}; {_CAUSES}")
+        run.logger.log({"step": run.step, "skipped": run.window.skipped, "error": msg})
+        raise NonFiniteError(msg)
+
+
+def _update_ema(run: _Run) -> float:
+    """EMA of the weights after step run.step; returns the decay used."""
+    cfg, step = run.cfg, run.step
+    decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
+    with torch.no_grad():
+        for pe, pm in zip(run.ema.parameters(), run.model.parameters()):
+            pe.lerp_(pm.detach(), 1.0 - decay)
+        for be, bm in zip(run.ema.buffers(), run.model.buffers()):
+            be.copy_(bm)
+    return decay
+
+
+def _log(run: _Run, lr: float, decay: float):
+    """One metrics line: means over the applied steps since the last line, averaged over ranks (one sync)."""
+    w, d = run.window, run.d
+    vals = torch.cat([w.sums / max(w.steps, 1), w.bad_groups.double().reshape(1)])
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(vals)
+        vals[:2] /= d.world
+    loss, grad_norm, bad = vals.tolist()
+    now = time.perf_counter()
+    its = (run.step - w.step0) / max(now - w.t0, 1e-9)
+    B = run.cfg.batch_size
+    run.logger.log({"step": run.step, "loss": loss, "grad_norm": grad_norm, "lr": lr, "it_s": round(its, 3),
+                    "samples_s": round(its * B, 1), "ema_decay": decay, "epoch": run.sampler.epoch,
+                    "skipped": w.skipped, "nonfinite_groups": int(bad)})
+    run.progress.update(run.step, {"loss": f"{loss:.4g}", "it/s": f"{its:.2f}", "samples/s": f"{its * B:.0f}"})
+    w.sums.zero_()
+    w.bad_groups.zero_()
+    w.steps, w.skipped, w.t0, w.step0 = 0, 0, now, run.step
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints, samples and evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def _checkpoint(run: _Run):
+    """checkpoints/step-<step>/ (rank 0 writes). Every rank first checks the weights, so all stop together."""
+    bad = _nonfinite_entries(run.model.state_dict()) + _nonfinite_entries(run.ema.state_dict())
+    if bad:
+        raise NonFiniteError(f"refusing to write the checkpoint of step {run.step}: the weights hold NaN or inf "
+                             f"({', '.join(bad[:4])}); {_last_good(run)}; {_CAUSES}")
+    if not run.d.main:
+        return
+    state = {"step": run.step, "optimizer": run.opt.state_dict(), "rng": _rng_state(),
+             "generators": {k: g.get_state() for k, g in run.gens.items()}, "sampler": run.sampler.state_dict(),
+             "torch_version": str(torch.__version__)}
+    run.last_ck = save_checkpoint(run.run_dir, run.step, run.model, run.ema.state_dict(), state,
+                                  config_to_dict(run.cfg))
+
+
+def _sample(run: _Run):
+    save_sample_grids(run.run_dir, run.step, run.ema, run.ds, run.cfg, run.device, run.vae)
+
+
+def _evaluate(run: _Run) -> dict:
+    """The metrics of the EMA model (the one call site of evaluation, periodic and final)."""
+    return evaluate(run.ema, run.ds, run.cfg, run.device)
+
+
+def _finish(run: _Run) -> dict:
+    """Final metrics (rank 0): logged, written to final_metrics.json and returned."""
+    if not (run.d.main and run.cfg.final_eval):
+        return {}
+    metrics = _evaluate(run)
+    run.logger.log({"step": run.step, "eval": _scalars(metrics)})
+    atomic_write_text(run.run_dir / "final_metrics.json", _dump(_scalars(metrics), indent=1))
+    if metrics.get("message"):
+        print(metrics["message"], file=sys.stderr, flush=True)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
 def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, **overrides) -> TrainResult:
     """Train an IMM model; returns TrainResult(run_dir, step, metrics, checkpoint).
 
     cfg: None (the digits preset), a preset name (imm_fast.PRESETS), a TrainConfig, a dict or a YAML/JSON path.
     overrides: dotted config keys, e.g. train("digits", max_steps=100, **{"model.depth": 2}).
     resume=<run or checkpoint folder> continues that run exactly (with its saved config when cfg is None).
-    callback(step, info): called on every rank after each optimizer step (tests use it).
+    callback(step, info): called on every rank after each applied optimizer step (tests use it).
     Under torchrun each process trains its slice of the global batch (DDP); only rank 0 writes files.
+    Raises NonFiniteError after cfg.max_nonfinite_steps non-finite steps in a row, RunFolderBusyError when another
+    process writes the run folder.
     """
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from .data import EpochSampler, build_dataset, check_compatible
-    from .loss import draw_times, imm_loss
-    from .models import build_model
-
     cfg = _resolve(cfg, overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     d = _init_distributed(device)
     try:
-        A, M, B = cfg.grad_accum, cfg.loss.group_size, cfg.batch_size
-        if B % (d.world * A * M):
-            raise ValueError(f"batch_size={B} must be divisible by world size x grad_accum x loss.group_size = "
-                             f"{d.world} x {A} x {M} so that every rank gets whole groups")
-        b = B // (d.world * A)  # per-rank micro-batch
-
-        # Model config: bf16/fp16 autocast of the student pass on CUDA (the target pass stays fp32).
-        mcfg, lcfg = cfg.model, cfg.loss
-        if device.type == "cuda" and cfg.amp and mcfg.mixed_precision is None:
-            mcfg = dataclasses.replace(mcfg, mixed_precision=cfg.amp)
-        if cfg.reference:  # the switch to the plain PyTorch path
-            mcfg = dataclasses.replace(mcfg, fused=False)
-            lcfg = dataclasses.replace(lcfg, backend="torch")
-        if device.type == "cuda" and cfg.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        ds = build_dataset(cfg.data)
-        check_compatible(ds, mcfg)
-        resume_ck = find_checkpoint(cfg.resume) if cfg.resume else None
-
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-        np.random.seed(cfg.seed)
-        random.seed(cfg.seed)
-        model = build_model(mcfg).to(device)
-        ema = copy.deepcopy(model).eval().requires_grad_(False)
-        if cfg.compile:
-            model.model.compile_regions(cfg.compile)  # in place: parameter names and checkpoints unchanged
-        opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.RAdam
-        kw = {"decoupled_weight_decay": True} if cfg.optimizer == "radam" and cfg.weight_decay else {}
-        opt = opt_cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
-        # Generators shared (same state) by all ranks: the loss draws and the data order / flips.
-        gens = {"loss": torch.Generator().manual_seed(cfg.seed + 1),
-                "data": torch.Generator().manual_seed(cfg.seed + 2)}
-        sampler = EpochSampler(len(ds), cfg.seed)
-        step = 0
-        if resume_ck is not None:
-            step = load_checkpoint(resume_ck, model, ema, opt, gens, sampler)
-        made = None
-        if d.main:
-            try:
-                made = _make_run_dir(cfg, d, resume_ck)
-            except ValueError as e:  # tell the other ranks too, so that none waits forever
-                made = e
-        made = _broadcast_object(made, d)
-        if isinstance(made, Exception):
-            raise made
-        run_dir = made
-        writer_dir = run_dir if d.main else None
-        if d.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "config.json").exists():
-                from .checkpoint import atomic_write
-
-                atomic_write(run_dir / "config.json",
-                             lambda f: Path(f).write_text(json.dumps(config_to_dict(cfg), indent=1)))
-        logger = _Logger(writer_dir, step if resume_ck is not None else None)
-        vae = None
-        if d.main and cfg.data.source == "latents" and cfg.data.vae_path:
-            from .vae import load_vae
-
-            vae = load_vae(cfg.data.vae_path, device)
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
-        if d.main:
-            print(f"imm_fast: training {cfg.name} on {device} (world {d.world}), run folder {run_dir}, "
-                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(ds)} samples"
-                  + (f", resumed at step {step}" if resume_ck else ""), file=sys.stderr, flush=True)
-
-        progress = _Progress(cfg.progress and d.main, cfg.max_steps, step)
-
-        last_ck = resume_ck
-        acc = torch.zeros(2, dtype=torch.float64, device=device)  # running (loss, grad norm) sums; no per-step sync
-        n_acc = 0
-        t_last, step_last = time.perf_counter(), step
-        model.train()
-        while step < cfg.max_steps:
-            lr = _lr_at(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # Global randomness of this step, identical on every rank.
-            idx = sampler.next(B)                                                         # (B,)
-            flips = torch.rand(B, generator=gens["data"]) < 0.5 if cfg.data.hflip else None
-            s_all, r_all, t_all = draw_times(B // M, model, cfg.loss, gens["loss"], "cpu")  # (B/M,) each
-            noise_all = torch.randn((B,) + ds.shape, generator=gens["loss"]) * model.sigma_data
-            drop_all = (torch.rand(B, generator=gens["loss"]) < cfg.loss.label_dropout) \
-                if (ds.labels is not None and cfg.loss.label_dropout > 0) else None
-
-            if d.world > 1:
-                # Dropout (the global RNG) differs per rank; seeding it from (seed, rank, step) keeps resume exact
-                # without saving every rank's RNG state (only rank 0 writes checkpoints).
-                torch.manual_seed((cfg.seed * 1_000_003 + step) * 4096 + d.rank)
-            opt.zero_grad(set_to_none=True)
-            loss_sum = torch.zeros((), device=device)
-            for a in range(A):
-                lo = a * (B // A) + d.rank * b  # this rank's rows of micro-batch a
-                rows = slice(lo, lo + b)
-                groups = slice(lo // M, (lo + b) // M)
-                x, y = ds.get(idx[rows], None if flips is None else flips[rows])
-                x = x.to(device, non_blocking=True)
-                y = None if y is None else y.to(device)
-                sync = contextlib.nullcontext() if (d.world == 1 or a == A - 1) else net.no_sync()
-                with sync:
-                    out = imm_loss(net, x, y, lcfg, target_model=model, t=t_all[groups], s=s_all[groups],
-                                   r=r_all[groups], noise=noise_all[rows].to(device),
-                                   drop_mask=None if drop_all is None else drop_all[rows].to(device))
-                    (out.loss / A).backward()
-                loss_sum += out.loss.detach().float() / A
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            opt.step()
-            step += 1
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm.detach(), 1.0 - decay)
-                for be, bm in zip(ema.buffers(), model.buffers()):
-                    be.copy_(bm)
-
-            acc += torch.stack([loss_sum.double(), grad_norm.detach().double()])
-            n_acc += 1
-            if _due(cfg.log_every, step) or step == cfg.max_steps:
-                vals = acc / n_acc
-                if d.world > 1:
-                    import torch.distributed as dist
-
-                    dist.all_reduce(vals)
-                    vals /= d.world
-                vals = vals.cpu()
-                if not math.isfinite(float(vals[0])):
-                    raise FloatingPointError(f"the loss became {float(vals[0])} by step {step}; lower lr or set "
-                                             "grad_clip")
-                now = time.perf_counter()
-                its = (step - step_last) / max(now - t_last, 1e-9)
-                rec = {"step": step, "loss": float(vals[0]), "grad_norm": float(vals[1]), "lr": lr,
-                       "it_s": round(its, 3), "samples_s": round(its * B, 1), "ema_decay": decay,
-                       "epoch": sampler.epoch}
-                logger.log(rec)
-                progress.update(step, {"loss": f"{rec['loss']:.4g}", "it/s": f"{its:.2f}",
-                                       "samples/s": f"{its * B:.0f}"})
-                acc.zero_()
-                n_acc = 0
-                t_last, step_last = now, step
-            final = step == cfg.max_steps
-            if d.main and (_due(cfg.ckpt_every, step) or final):
-                last_ck = save_checkpoint(run_dir, step, model, ema, opt, gens, sampler, cfg)
-            if d.main and (_due(cfg.sample_every, step) or final):
-                save_sample_grids(run_dir, step, ema, ds, cfg, device, vae)
-            if d.main and _due(cfg.eval_every, step) and not final:
-                logger.log({"step": step, "eval": _scalars(evaluate(ema, ds, cfg, device))})
-            if callback is not None:
-                callback(step, {"loss": float(loss_sum), "model": model, "ema": ema})
-            if d.world > 1 and (_due(cfg.ckpt_every, step) or _due(cfg.sample_every, step) or final):
-                _barrier(d)  # keep ranks together while rank 0 writes
-        progress.close()
-
-        metrics = {}
-        if d.main and cfg.final_eval:
-            metrics = evaluate(ema, ds, cfg, device)
-            logger.log({"step": step, "eval": _scalars(metrics)})
-            from .checkpoint import atomic_write
-
-            atomic_write(run_dir / "final_metrics.json",
-                         lambda f: Path(f).write_text(json.dumps(_scalars(metrics), indent=1)))
-            if metrics.get("message"):
-                print(metrics["message"], file=sys.stderr, flush=True)
-        logger.close()
-        _barrier(d)
-        if d.main and last_ck is None:
-            last_ck = find_checkpoint(run_dir)
-        return TrainResult(run_dir if d.main else None, step, metrics, last_ck if d.main else None)
+        with contextlib.ExitStack() as stack:  # the run lock, the logger, the progress bar
+            run = _setup(cfg, device, d, stack)
+            run.model.train()
+            while run.step < cfg.max_steps:
+                out = _train_step(run)
+                if not out.applied:
+                    _skip(run, out)
+                    continue
+                run.skipped_in_a_row = 0
+                run.step += 1
+                decay = _update_ema(run)
+                run.window.sums += torch.stack([out.loss.double(), out.grad_norm.double()])
+                run.window.steps += 1
+                final = run.step == cfg.max_steps
+                if _due(cfg.log_every, run.step) or final:
+                    _log(run, out.lr, decay)
+                if _due(cfg.ckpt_every, run.step) or final:
+                    _checkpoint(run)
+                if d.main and (_due(cfg.sample_every, run.step) or final):
+                    _sample(run)
+                if d.main and _due(cfg.eval_every, run.step) and not final:
+                    run.logger.log({"step": run.step, "eval": _scalars(_evaluate(run))})
+                if callback is not None:
+                    callback(run.step, {"loss": float(out.loss), "model": run.model, "ema": run.ema})
+                if d.world > 1 and (final or any(_due(e, run.step) for e in
+                                                 (cfg.ckpt_every, cfg.sample_every, cfg.eval_every))):
+                    _barrier(d)  # keep ranks together while rank 0 writes
+            run.progress.close()
+            metrics = _finish(run)
+            _barrier(d)
+            if d.main and run.last_ck is None:
+                run.last_ck = find_checkpoint(run.run_dir, explain=False)
+            return TrainResult(run.run_dir, run.step, metrics, run.last_ck if d.main else None)
     finally:
         if d.initialized_here:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-def _scalars(obj):
-    """JSON-able copy without the pre-formatted table string."""
-    if isinstance(obj, dict):
-        return {k: _scalars(v) for k, v in obj.items() if k != "table"}
-    return obj

@@ -76,7 +76,7 @@ def encode_folder(src, out, vae_path=None, resolution=256, batch_size=32, device
 
     Refuses to overwrite an existing latents.npy. Returns the output folder.
     """
-    from .checkpoint import atomic_write
+    from ._files import atomic_write
     from .data import _load_image, list_image_folder
 
     out = Path(out)

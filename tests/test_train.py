@@ -43,7 +43,7 @@ def test_run_writes_grids_checkpoints_metrics_and_ema_loads(tmp_path):
     for step in (2, 4):
         ck = run / "checkpoints" / f"step-{step:07d}"
         assert {p.name for p in ck.iterdir()} == {"model.safetensors", "ema.safetensors", "train_state.pt",
-                                                 "config.json"}
+                                                 "config.json", "manifest.json"}
     assert not list((run / "checkpoints").glob(".tmp-*"))
     for n in (1, 2):
         png = (run / "samples" / f"step-0000004-{n}step.png").read_bytes()
