@@ -329,7 +329,7 @@ class _Run:
     net: torch.nn.Module         # model, or its DDP wrapper (what the loss calls)
     ema: torch.nn.Module         # the EMA of model's weights (sampling, evaluation)
     opt: torch.optim.Optimizer
-    gens: dict                   # CPU generators in the same state on every rank: "loss" ((s, r, t), noise, drops), "data"
+    gens: dict                   # CPU generators, same state on every rank: "loss" ((s, r, t), noise, drops), "data"
     sampler: object              # data.EpochSampler: the data order
     lcfg: LossConfig             # cfg.loss after the reference switch
     run_dir: Optional[Path]      # the run folder (rank 0 writes; None on other ranks)
@@ -560,7 +560,8 @@ def _last_good(run: _Run) -> str:
 
 
 _CAUSES = ("likely causes: NaN/inf in the data, a learning rate too high, weights that already became non-finite, "
-           "or fp16 overflow (amp=bf16 is safer); resume from the last good checkpoint with a lower lr or grad_clip > 0")
+           "or fp16 overflow (amp=bf16 is safer); resume from the last good checkpoint with a lower lr or "
+           "grad_clip > 0")
 
 
 def _skip(run: _Run, out: _StepOut):
