@@ -653,19 +653,27 @@ class RunLock:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = self._holder(fd)
             os.close(fd)
             raise RunFolderBusyError(
                 f"run folder {str(self.run_dir)!r} is in use by {self._describe(holder)}: one run folder takes one "
                 "writer (two would interleave checkpoints and metrics). Wait for it to finish or stop it, or choose "
                 "another run_name") from None
+        except OSError as e:  # a filesystem without locks (some network mounts): say so, do not pretend
+            print(f"imm_fast: warning: cannot lock {str(self.path)!r} ({e}); this filesystem does not support file "
+                  "locks, so nothing stops a second run from writing the same folder", file=sys.stderr, flush=True)
+            locked = False
         prev = self._holder(fd)
-        if prev:
+        if prev and locked:
             print(f"imm_fast: taking over the lock of {str(self.run_dir)!r} left by {self._describe(prev)}, which no "
                   "longer holds it (it was killed)", file=sys.stderr, flush=True)
+        elif prev:
+            print(f"imm_fast: warning: {str(self.path)!r} names {self._describe(prev)}, which may still be running",
+                  file=sys.stderr, flush=True)
         info = {"pid": os.getpid(), "host": socket.gethostname(),
                 "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                 "command": " ".join(sys.argv)[:200]}
@@ -682,8 +690,10 @@ class RunLock:
 
         try:
             os.ftruncate(self.fd, 0)
-        finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+        except OSError:
+            pass  # closing the file releases the lock anyway
+        finally:
             os.close(self.fd)
             self.fd = None
 
