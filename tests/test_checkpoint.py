@@ -1,3 +1,4 @@
+import json
 import os
 import pickle
 
@@ -142,3 +143,44 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_save_model_needs_an_imm_model(tmp_path):
     with pytest.raises(TypeError, match="model"):
         save_model(tmp_path / "x.safetensors", torch.nn.Linear(2, 2))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training-state checkpoints: manifest, verification, the one `latest` resolver
+# --------------------------------------------------------------------------------------------------------------
+def test_training_checkpoints_resolve_to_the_newest_that_verifies(tmp_path, capsys):
+    from imm_fast.checkpoint import find_checkpoint, resolve_checkpoint, save_checkpoint, verify_checkpoint
+
+    m = random_model()
+    for step in (1, 2, 3):
+        ck = save_checkpoint(tmp_path, step, m, m.state_dict(), {"step": step}, {"step": step})
+        assert verify_checkpoint(ck) is None
+        manifest = json.loads((ck / "manifest.json").read_text())
+        assert sorted(manifest["files"]) == ["config.json", "ema.safetensors", "model.safetensors", "train_state.pt"]
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-0000003\n" and not list(root.glob(".tmp-*"))
+    assert save_checkpoint(tmp_path, 3, m, {}, {}, {}) == root / "step-0000003"  # never overwritten
+    assert resolve_checkpoint(tmp_path) == (root / "step-0000003", [])
+
+    (root / "latest").write_text("step-0000001\n")  # a run killed before `latest` moved
+    ck, notes = resolve_checkpoint(tmp_path)
+    assert ck == root / "step-0000003" and "latest names step-0000001 but step-0000003 is newer" in notes[0]
+
+    p = root / "step-0000003" / "ema.safetensors"  # truncated: the size gives it away
+    p.write_bytes(p.read_bytes()[:-10])
+    assert "ema.safetensors has" in verify_checkpoint(root / "step-0000003")
+    assert find_checkpoint(root) == root / "step-0000002"  # the checkpoints/ folder works too
+    assert "step-0000003 failed verification" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="corrupt"):
+        find_checkpoint(root / "step-0000003")  # named explicitly: an error, no silent fallback
+    (root / "step-0000002" / "manifest.json").unlink()  # before manifests existed: accepted
+    assert verify_checkpoint(root / "step-0000002") is None
+    (root / "step-0000001" / "config.json").unlink()
+    assert "missing config.json" in verify_checkpoint(root / "step-0000001")
+
+    loaded = imm_fast.load_official(tmp_path)  # load_official uses the same resolver
+    same_outputs(m, loaded)
+    for bad in ("../x/step-0000001", str(root / "step-0000001"), "latest", ""):
+        (root / "latest").write_text(bad + "\n")
+        with pytest.raises(ValueError, match="refusing to follow"):
+            resolve_checkpoint(tmp_path)
