@@ -466,8 +466,9 @@ def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.E
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
     window = _Window(torch.zeros(2, dtype=torch.float64, device=device),
                      torch.zeros((), dtype=torch.int64, device=device), t0=time.perf_counter(), step0=step)
-    return _Run(cfg, d, device, ds, model, net, ema, opt, gens, sampler, lcfg, run_dir if d.main else None, logger,
-                progress, window, vae, step, resume_ck)
+    return _Run(cfg=cfg, d=d, device=device, ds=ds, model=model, net=net, ema=ema, opt=opt, gens=gens,
+                sampler=sampler, lcfg=lcfg, run_dir=run_dir if d.main else None, logger=logger, progress=progress,
+                window=window, vae=vae, step=step, last_ck=resume_ck)
 
 
 # ----------------------------------------------------------------------------------------------------------------
