@@ -461,11 +461,12 @@ def save_checkpoint(run_dir, step: int, model, ema_state_dict, train_state: dict
 _VERIFIED = {}  # (folder, stat of its files) -> None: a checkpoint is hashed once per process, not per lookup
 
 
-def verify_checkpoint(ck) -> "str | None":
+def verify_checkpoint(ck, full: bool = True) -> "str | None":
     """None when folder `ck` is a complete checkpoint whose files match its manifest, else the reason (a phrase).
 
-    A folder with the four files but no manifest (written before manifests existed) passes; nothing written by
-    save_checkpoint can lack one, since the manifest is written before the rename that publishes the folder.
+    full=False checks presence and sizes only (no sha256: cheap, for choosing a config). A folder with the four
+    files but no manifest (written before manifests existed) passes; nothing written by save_checkpoint can lack
+    one, since the manifest is written before the rename that publishes the folder.
     """
     ck = Path(ck)
     if not ck.is_dir():
@@ -476,7 +477,7 @@ def verify_checkpoint(ck) -> "str | None":
     stats = tuple((f, (ck / f).stat().st_size, (ck / f).stat().st_mtime_ns) for f in CKPT_FILES + (MANIFEST,)
                   if (ck / f).is_file())
     key = (str(ck.resolve()), stats)
-    if key in _VERIFIED:
+    if key in _VERIFIED or (not full and not (ck / MANIFEST).is_file()):
         return None
     if not (ck / MANIFEST).is_file():
         _VERIFIED[key] = None
@@ -490,11 +491,12 @@ def verify_checkpoint(ck) -> "str | None":
             size = (ck / f).stat().st_size
             if size != want["bytes"]:
                 return f"{f} has {size} bytes, its manifest says {want['bytes']} (corrupt or truncated)"
-            if _sha256(ck / f) != want["sha256"]:
+            if full and _sha256(ck / f) != want["sha256"]:
                 return f"{f} does not match its sha256 in {MANIFEST} (corrupt)"
     except (ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e}) (corrupt)"
-    _VERIFIED[key] = None
+    if full:
+        _VERIFIED[key] = None
     return None
 
 
@@ -524,18 +526,38 @@ def _step_of(name: str) -> int:
     return int(name[len(CKPT_PREFIX):])
 
 
-def resolve_checkpoint(path):
+def _is_checkpoint_folder(p: Path) -> bool:
+    return (p / "train_state.pt").is_file() or (p / MANIFEST).is_file()
+
+
+def run_folder_of(path) -> Path:
+    """The run folder of a run folder, its checkpoints/ folder or one of its checkpoints (nothing is verified)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"resume={str(path)!r} does not exist")
+    if _is_checkpoint_folder(p):
+        return p.parent.parent
+    if (p / "checkpoints").is_dir():
+        return p
+    if (p / "latest").is_file() or list_checkpoints(p):
+        return p.parent
+    raise ValueError(f"resume={str(path)!r} is neither a checkpoint folder (with train_state.pt) nor a run folder "
+                     "with checkpoints")
+
+
+def resolve_checkpoint(path, full: bool = True):
     """(checkpoint folder, notes): the one resolver behind resume and load_official.
 
     path: a checkpoint folder (it must verify), or a run folder / its checkpoints/ folder: the newest checkpoint
     that is complete and verifies; `latest` is only a cross-check (a kill between the rename of a new checkpoint
     and the update of `latest` leaves it one behind). notes: why another checkpoint than `latest` was chosen.
+    full=False skips the sha256 checks (see verify_checkpoint).
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"resume={str(path)!r} does not exist")
-    if (p / "train_state.pt").is_file() or (p / MANIFEST).is_file():
-        problem = verify_checkpoint(p)
+    if _is_checkpoint_folder(p):
+        problem = verify_checkpoint(p, full)
         if problem:
             raise ValueError(f"checkpoint {str(p)!r} is corrupt or incomplete: {problem}; resume from its run folder "
                              "to fall back to the newest checkpoint that verifies")
@@ -551,7 +573,7 @@ def resolve_checkpoint(path):
         notes.append(f"checkpoints/latest names {pointer}, which does not exist")
     chosen = None
     for name in names:
-        problem = verify_checkpoint(ck_root / name)
+        problem = verify_checkpoint(ck_root / name, full)
         if problem is None:
             chosen = name
             break
@@ -564,10 +586,10 @@ def resolve_checkpoint(path):
     return ck_root / chosen, notes
 
 
-def find_checkpoint(path, explain: bool = True) -> Path:
+def find_checkpoint(path, explain: bool = True, full: bool = True) -> Path:
     """The checkpoint folder to resume or load from (see resolve_checkpoint); a fallback is explained in one
     line on stderr when `explain`."""
-    ck, notes = resolve_checkpoint(path)
+    ck, notes = resolve_checkpoint(path, full)
     if notes and explain:
         print(f"imm_fast: using checkpoint {ck}: " + "; ".join(notes), file=sys.stderr, flush=True)
     return ck

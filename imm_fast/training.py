@@ -48,7 +48,8 @@ import torch
 
 from ._files import atomic_write_text, save_png
 from .checkpoint import (CKPT_PREFIX, NonFiniteError, RunLock, _nonfinite_entries, find_checkpoint, list_checkpoints,
-                         read_checkpoint, repair_run_folder, save_checkpoint, verify_checkpoint)
+                         read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
+                         verify_checkpoint)
 from .config import LossConfig, TrainConfig, config_to_dict, load_train_config
 
 
@@ -345,8 +346,9 @@ class _Run:
 def _resolve(cfg, overrides) -> TrainConfig:
     overrides = dict(overrides)
     if cfg is None and overrides.get("resume"):
-        # Continue the saved run with its own config (overrides such as max_steps still apply).
-        ck = find_checkpoint(overrides["resume"], explain=False)
+        # Continue the saved run with its own config (overrides such as max_steps still apply). Sizes only here:
+        # the checkpoint is verified in full (sha256) under the run lock, so a busy run folder fails at once.
+        ck = find_checkpoint(overrides["resume"], explain=False, full=False)
         saved = json.loads((ck / "config.json").read_text())
         saved.pop("resume", None)
         return load_train_config(saved, overrides)
@@ -356,7 +358,7 @@ def _resolve(cfg, overrides) -> TrainConfig:
 def _claim_run_folder(cfg: TrainConfig, stack: contextlib.ExitStack):
     """Rank 0: (run folder, checkpoint to resume or None), decided while holding the folder's lock."""
     if cfg.resume:
-        run_dir = find_checkpoint(cfg.resume, explain=False).parent.parent
+        run_dir = run_folder_of(cfg.resume)
     else:
         run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
     stack.callback(RunLock(run_dir).acquire().release)
