@@ -49,12 +49,11 @@ def atomic_write(path, write_fn):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp creates 0600
-    finally:
-        os.close(fd)
+    os.close(fd)
     try:
         write_fn(tmp)
+        # mkstemp creates 0600, and some writers (safetensors) recreate the file 0600: give it open()'s mode.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

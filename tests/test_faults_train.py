@@ -382,9 +382,15 @@ def test_lock_in_one_process_is_exclusive_and_released(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_atomic_write_gives_the_umask_mode(tmp_path, umask, mode):
+    from safetensors.torch import save_file
+
+    from imm_fast._files import atomic_write
+
     old = os.umask(umask)
     try:
-        p = atomic_write_text(tmp_path / "f.json", "{}")
+        paths = [atomic_write_text(tmp_path / "f.json", "{}"),  # safetensors recreates its file 0600 by itself
+                 atomic_write(tmp_path / "t.safetensors", lambda f: save_file({"x": torch.ones(2)}, f))]
     finally:
         os.umask(old)
-    assert stat.S_IMODE(p.stat().st_mode) == mode
+    for p in paths:
+        assert stat.S_IMODE(p.stat().st_mode) == mode, p

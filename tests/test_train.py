@@ -52,6 +52,12 @@ def test_run_writes_grids_checkpoints_metrics_and_ema_loads(tmp_path):
     steps = [x["step"] for x in lines if "loss" in x]
     assert steps == [2, 4] and all(x["loss"] > 0 and x["it_s"] > 0 and x["samples_s"] > 0 for x in lines
                                    if "loss" in x)
+    assert all(x["skipped"] == 0 and x["nonfinite_groups"] == 0 for x in lines if "loss" in x)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for f in (run / "checkpoints" / "step-0000004").iterdir():  # the group can read a shared run folder
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
+    assert (run / "run.lock").read_text() == ""  # released at the end
     assert "eval" in lines[-1] and set(r.metrics["digits"]) == {"1", "2"}
     assert json.loads((run / "final_metrics.json").read_text())["digits"]["2"]["fd_floor"] > 0
     cfg = load_train_config(json.loads((run / "config.json").read_text()))
