@@ -9,6 +9,7 @@ restricted unpickler of imm_fast.checkpoint, never the stored code). huggingface
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -76,3 +77,71 @@ def missing_file_hint(path) -> str:
                 f"'{SCHEME}{OFFICIAL_REPO}/{name}' (needs huggingface_hub) or download it from "
                 f"the Hub model repository {OFFICIAL_REPO}")
     return ""
+
+
+def model_card(repo_id: str, config: dict, metrics: dict, step: int) -> str:
+    """A Hub model card (README.md) for a run's EMA weights: front matter, what it is, how to load, metrics."""
+    model, loss = config.get("model", {}), config.get("loss", {})
+    rows = [f"| {k} | {json.dumps(v)} |" for k, v in sorted(metrics.items()) if not isinstance(v, (dict, list))]
+    nested = {k: v for k, v in metrics.items() if isinstance(v, (dict, list))}
+    lines = [
+        "---", "library_name: imm_fast", "tags:", "- inductive-moment-matching", "- few-step-generation",
+        "- image-generation", "---", "",
+        f"# {repo_id.split('/')[-1]}", "",
+        f"An Inductive Moment Matching (IMM) model trained with imm_fast ({config.get('name', '?')} config, "
+        f"{step} optimizer steps): {model.get('img_resolution')}x{model.get('img_resolution')}x"
+        f"{model.get('img_channels')} inputs, {model.get('label_dim') or 'no'} classes, f_type "
+        f"{model.get('f_type')}, temb_type {model.get('temb_type')}, M = {loss.get('group_size')} particles per "
+        "group. The weights are the EMA weights.", "",
+        "```python", "import torch, imm_fast",
+        f'model = imm_fast.load_official("hf://{repo_id}/ema.safetensors")',
+        "noise = torch.randn(16, model.img_channels, model.img_resolution, model.img_resolution) * model.sigma_data",
+        "x = imm_fast.sample(model, noise, steps=2)", "```", "",
+        "`config.json` holds the full training config.", "",
+    ]
+    if rows:
+        lines += ["## Metrics at the end of training", "", "| metric | value |", "|---|---|", *rows, ""]
+    if nested:
+        lines += ["```json", json.dumps(nested, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def push_to_hub(run, repo_id: str, *, private: bool = False, token=None, commit_message=None) -> str:
+    """Upload a run's EMA weights (`ema.safetensors`), its config and a model card to the Hub repo `repo_id`.
+
+    run: a run folder or a checkpoint folder (the newest verified checkpoint of a run is used). Returns the
+    commit URL. The uploaded file loads back with load_official("hf://<repo_id>/ema.safetensors").
+    """
+    import shutil
+    import tempfile
+
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id={repo_id!r} must look like '<owner>/<name>'")
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise ImportError("push_to_hub needs huggingface_hub: pip install 'imm_fast[hub]'") from None
+    ck = _checkpoint_folder(run)
+    config = json.loads((ck / "config.json").read_text())
+    final = ck.parent.parent / "final_metrics.json"
+    metrics = json.loads(final.read_text()) if final.is_file() else {}
+    step = int(ck.name.rsplit("-", 1)[-1]) if ck.name.rsplit("-", 1)[-1].isdigit() else 0
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="imm_fast-push-") as stage:
+        stage = Path(stage)
+        shutil.copy2(ck / "ema.safetensors", stage / "ema.safetensors")
+        (stage / "config.json").write_text(json.dumps(config, indent=1))
+        (stage / "README.md").write_text(model_card(repo_id, config, metrics, step))
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(stage),
+                                 commit_message=commit_message or f"imm_fast: EMA weights at step {step}")
+    return str(getattr(info, "commit_url", info))
+
+
+def _checkpoint_folder(run) -> Path:
+    from .training import find_checkpoint
+
+    ck = find_checkpoint(run)
+    if not (ck / "ema.safetensors").is_file():
+        raise FileNotFoundError(f"{str(ck)!r} has no ema.safetensors")
+    return ck

@@ -1,8 +1,11 @@
 """hf:// checkpoints: resolved through huggingface_hub's cache, offline mode honoured, clear errors. No network:
 the Hub cache is laid out in the test exactly as huggingface_hub writes it (refs/main -> snapshots/<commit>/file)."""
 import os
+import json
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +94,42 @@ def test_cli_sample_reads_hf_paths(tmp_path, monkeypatch):
     r = subprocess.run([sys.executable, "-m", "imm_fast", "sample", "hf://lumaai/imm/nothere.pkl", "--out",
                         str(tmp_path / "other.png")], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "HF_HUB_OFFLINE is set" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_push_to_hub_stages_ema_config_and_card_that_load_back(tmp_path, monkeypatch):
+    """The upload itself is huggingface_hub's; what imm_fast stages is checked, then served from a Hub cache."""
+    pytest.importorskip("sklearn")
+    r = imm_fast.train(None, out_dir=str(tmp_path), run_name="run", max_steps=2, progress=False, final_eval=False,
+                       sample_every=0, device="cpu", **{"model.depth": 1, "model.hidden_size": 32,
+                                                        "model.num_heads": 2, "batch_size": 16, "sample.steps": [1],
+                                                        "sample.num_images": 10})
+    staged = {}
+
+    def upload_folder(self, repo_id, folder_path, commit_message):
+        staged.update({p.name: p.read_bytes() for p in Path(folder_path).iterdir()})
+        staged["_args"] = (repo_id, commit_message)
+        return types.SimpleNamespace(commit_url=f"https://example.invalid/{repo_id}/commit/1")
+
+    monkeypatch.setattr(hf.HfApi, "create_repo", lambda self, repo_id, private, exist_ok: None)
+    monkeypatch.setattr(hf.HfApi, "upload_folder", upload_folder)
+    url = hub.push_to_hub(r.run_dir, "me/digits-imm")
+    assert url.endswith("/commit/1") and staged["_args"] == ("me/digits-imm", "imm_fast: EMA weights at step 2")
+    assert set(staged) == {"ema.safetensors", "config.json", "README.md", "_args"}
+    card = staged["README.md"].decode()
+    assert card.startswith("---\nlibrary_name: imm_fast") and 'load_official("hf://me/digits-imm/ema.safetensors")' in card
+    assert json.loads(staged["config.json"])["max_steps"] == 2
+    with pytest.raises(ValueError, match="repo_id"):
+        hub.push_to_hub(r.run_dir, "no-owner")
+
+    cache = tmp_path / "hub"  # serve the staged weights from a Hub cache, as a user downloading them would
+    snap = cache / "models--me--digits-imm" / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text(COMMIT)
+    (snap / "ema.safetensors").write_bytes(staged["ema.safetensors"])
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pulled = imm_fast.load_official("hf://me/digits-imm/ema.safetensors")
+    local = imm_fast.load_official(r.run_dir)
+    for a, b in zip(pulled.state_dict().values(), local.state_dict().values()):
+        assert torch.equal(a, b)
