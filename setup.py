@@ -74,8 +74,11 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers", "huggingface_hub", "tensorboard"],
         "vae": ["diffusers"],
+        "hub": ["huggingface_hub"],      # hf:// checkpoints (imm_fast.hub)
+        "tensorboard": ["tensorboard"],  # log.tensorboard=true
+        "wandb": ["wandb"],              # log.wandb=<project>
     },
     entry_points={"console_scripts": ["imm_fast=imm_fast.__main__:main"]},
     ext_modules=ext_modules,

@@ -39,4 +39,5 @@ def __getattr__(name):
 
 
 def __dir__():
-    return sorted(list(globals()) + __all__)
+    # The public surface only, each name once (lazy attributes land in globals() once used).
+    return sorted(set(__all__) | {"__version__"})

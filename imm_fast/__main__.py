@@ -1,9 +1,10 @@
-"""Command line: `python -m imm_fast {train,encode,sample}` (also installed as the `imm_fast` script).
+"""Command line: `python -m imm_fast {train,config,encode,sample}` (also installed as the `imm_fast` script).
 
   python -m imm_fast train                                 # the digits preset on the CPU (a few minutes)
   python -m imm_fast train --preset cifar10 data.path=/data/cifar-10-batches-py
   python -m imm_fast train --config run.yaml max_steps=2000 model.depth=6
   python -m imm_fast train resume=runs/digits-20260101-000000
+  python -m imm_fast config --preset cifar10 > cifar.yaml       # every key with its meaning; edit, then --config
   torchrun --nproc_per_node 8 -m imm_fast train --preset imagenet256 data.path=/data/latents
   python -m imm_fast encode IMAGE_FOLDER OUT_FOLDER --vae /models/sd-vae-ft-ema
   python -m imm_fast sample runs/digits-... --steps 2 --cfg-scale 2 --out grid.png
@@ -46,6 +47,19 @@ def _cmd_train(args):
             print(result.metrics["table"])
         else:
             print("metrics: " + json.dumps(result.metrics))
+    return 0
+
+
+def _cmd_config(args):
+    from ._config_doc import to_yaml
+    from .config import load_train_config
+
+    if args.preset and args.config:
+        raise ValueError("give --preset or --config, not both")
+    cfg = load_train_config(args.config or args.preset, parse_overrides(args.overrides))
+    source = f"--config {args.config}" if args.config else f"preset {args.preset or 'digits'}"
+    print(f"# imm_fast training config ({source}); edit and run: python -m imm_fast train --config FILE")
+    print(to_yaml(cfg))
     return 0
 
 
@@ -100,11 +114,17 @@ def build_parser():
     p = argparse.ArgumentParser(prog="python -m imm_fast", description="Inductive Moment Matching with imm_fast",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="train a model (default: the digits preset on the CPU)")
+    t = sub.add_parser("train", help="train a model (default: the digits preset on the CPU)",
+                       epilog="Every config key, its default and meaning: python -m imm_fast config [--preset NAME]")
     t.add_argument("--preset", help="a preset name: digits (default), cifar10, imagenet256, imagenet256-S/B/L")
     t.add_argument("--config", help="a YAML or JSON config file (may name a base with `preset:`)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=200 model.depth=4")
     t.set_defaults(fn=_cmd_train)
+    c = sub.add_parser("config", help="print the resolved training config as commented YAML (every key)")
+    c.add_argument("--preset", help="a preset name (default digits)")
+    c.add_argument("--config", help="a YAML or JSON config file to resolve")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=200 model.depth=4")
+    c.set_defaults(fn=_cmd_config)
     e = sub.add_parser("encode", help="encode an image folder into normalized SD-VAE latents")
     e.add_argument("src", help="image folder (class = subfolder)")
     e.add_argument("out", help="output folder (latents.npy, labels.npy, meta.json)")

@@ -311,14 +311,17 @@ def _read_safetensors(path):
 def load_official(path, device="cpu", key="ema", fused=None, model_kwargs=None):
     """Load an IMM model (imm_fast's own modules, eval mode, no grad) from any supported checkpoint.
 
-    path: the authors' .pkl; an imm_fast .safetensors file; a run checkpoint directory (ema.safetensors preferred,
+    path: the authors' .pkl (a local file, or `hf://lumaai/imm/<file>` from the Hugging Face Hub); an imm_fast
+    .safetensors file; a run checkpoint directory (ema.safetensors preferred,
     else model.safetensors; a run folder follows its `latest` checkpoint); or a plain state dict file.
     key: which network of an authors' pickle ('ema'). fused: override the DiT's fused switch.
     model_kwargs: IMM/DiT settings for plain state dicts (their architecture is inferred from shapes).
     """
-    p = Path(path)
+    from .hub import missing_file_hint, resolve
+
+    p = Path(resolve(path))  # hf://owner/repo/file -> the Hub cache (downloaded once)
     if not p.exists():
-        raise FileNotFoundError(f"path={str(path)!r} does not exist")
+        raise FileNotFoundError(f"path={str(path)!r} does not exist{missing_file_hint(path)}")
     if p.is_dir():
         if (p / "latest").is_file() or (p / "checkpoints").is_dir():
             p = find_checkpoint(p)  # a run folder or its checkpoints/: the newest verified checkpoint

@@ -117,6 +117,18 @@ class SampleConfig:
     num_images: int = 64              # images per grid
 
 
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = False         # also log to TensorBoard (<run>/tb; needs the tensorboard package)
+    wandb: Optional[str] = None       # also log to this Weights & Biases project (needs wandb; WANDB_MODE respected)
+
+    def __post_init__(self):
+        if not isinstance(self.tensorboard, bool):
+            raise ValueError(f"log.tensorboard must be true or false, got {self.tensorboard!r}")
+        if self.wandb is not None and (not isinstance(self.wandb, str) or not self.wandb.strip()):
+            raise ValueError(f"log.wandb must be a W&B project name or null, got {self.wandb!r}")
+
+
 def with_overrides(cfg, overrides: dict):
     """A copy of a (nested) dataclass config with dotted-key overrides, e.g. {"model.depth": 4}."""
     if not overrides:
@@ -169,6 +181,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)      # the IMM objective
     data: DataConfig = field(default_factory=DataConfig)      # the dataset
     sample: SampleConfig = field(default_factory=SampleConfig)  # sample grids and evaluation sampling
+    log: LogConfig = field(default_factory=LogConfig)         # optional TensorBoard / W&B logging
     batch_size: int = 256             # GLOBAL batch per optimizer step (all ranks, all accumulation steps)
     grad_accum: int = 1               # micro-batches per optimizer step (per rank)
     max_steps: int = 1000             # optimizer steps
@@ -274,7 +287,7 @@ def _flatten(d: dict, prefix="") -> dict:
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and key.split(".")[-1] in ("model", "loss", "data", "sample"):
+        if isinstance(v, dict) and key.split(".")[-1] in ("model", "loss", "data", "sample", "log"):
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v

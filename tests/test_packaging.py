@@ -60,3 +60,12 @@ def test_train_stays_the_function_after_the_training_module_is_imported():
     importlib.import_module("imm_fast.training")
     importlib.import_module("imm_fast.__main__")
     assert callable(imm_fast.train) and imm_fast.train.__module__ == "imm_fast.training"
+
+
+def test_dir_lists_the_public_surface_once():
+    import imm_fast
+
+    imm_fast.train, imm_fast.sample  # noqa: B018 (cache two lazy attributes in the module globals)
+    names = dir(imm_fast)
+    assert len(names) == len(set(names)) and "annotations" not in names
+    assert set(imm_fast.__all__) <= set(names)
