@@ -70,6 +70,11 @@ def atomic_write_text(path, text: str):
 
 def save_png(path, images_uint8, nrow=None, upscale=1):
     """Write (N, C, R, R) uint8 images (C = 1 or 3) as one PNG grid (pure zlib, no PIL needed), atomically."""
+    return write_png(path, image_grid(images_uint8, nrow, upscale))
+
+
+def image_grid(images_uint8, nrow=None, upscale=1):
+    """(N, C, R, R) uint8 images (C = 1 or 3) -> one (H, W, 3) uint8 numpy grid, `nrow` images a row."""
     import torch
 
     x = images_uint8.cpu()
@@ -84,7 +89,11 @@ def save_png(path, images_uint8, nrow=None, upscale=1):
         grid[:, pad + r * (h + pad):pad + r * (h + pad) + h, pad + q * (w + pad):pad + q * (w + pad) + w] = tile
     if upscale > 1:
         grid = grid.repeat_interleave(upscale, 1).repeat_interleave(upscale, 2)
-    arr = grid.permute(1, 2, 0).contiguous().numpy()
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+def write_png(path, arr):
+    """Write an (H, W, 3) uint8 array as an RGB PNG, atomically."""
     H, W = arr.shape[:2]
     raw = b"".join(b"\x00" + arr[i].tobytes() for i in range(H))
 

@@ -139,9 +139,9 @@ def push_to_hub(run, repo_id: str, *, private: bool = False, token=None, commit_
 
 
 def _checkpoint_folder(run) -> Path:
-    from .training import find_checkpoint
+    from .checkpoint import find_checkpoint
 
-    ck = find_checkpoint(run)
+    ck = find_checkpoint(run)  # the newest complete, verified checkpoint
     if not (ck / "ema.safetensors").is_file():
         raise FileNotFoundError(f"{str(ck)!r} has no ema.safetensors")
     return ck

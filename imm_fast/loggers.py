@@ -59,7 +59,7 @@ class LogBackends:
             self.wandb_run = wandb.init(project=log_cfg.wandb, name=run_dir.name, id=run_id, resume="allow",
                                         dir=str(run_dir), config=config or {})
             if not id_file.is_file():
-                from .checkpoint import atomic_write  # (moves to _files)
+                from ._files import atomic_write
 
                 atomic_write(id_file, lambda f: Path(f).write_text(run_id + "\n"))
 

@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ._files import atomic_write_text, save_png
+from ._files import atomic_write_text, image_grid, write_png
 from .checkpoint import (CKPT_PREFIX, NonFiniteError, RunLock, _nonfinite_entries, find_checkpoint, list_checkpoints,
                          read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
                          verify_checkpoint)
@@ -164,11 +164,11 @@ def _dump(obj, **kw) -> str:
 
 
 class _Logger:
-    """metrics.jsonl (+ TensorBoard when installed) on rank 0."""
+    """metrics.jsonl on rank 0, plus the TensorBoard / W&B backends that cfg.log asks for (imm_fast.loggers)."""
 
-    def __init__(self, run_dir: Optional[Path], resume_step: Optional[int]):
+    def __init__(self, run_dir: Optional[Path], resume_step: Optional[int], cfg: Optional[TrainConfig] = None):
         self.path = None if run_dir is None else run_dir / "metrics.jsonl"
-        self.tb = None
+        self.backends = None
         if self.path is None:
             return
         if resume_step is not None and self.path.is_file():
@@ -181,26 +181,26 @@ class _Logger:
                 except json.JSONDecodeError:
                     pass
             atomic_write_text(self.path, "".join(k + "\n" for k in keep))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if cfg is not None:
+            from .loggers import LogBackends
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-        except Exception:  # tensorboard not installed
-            self.tb = None
+            self.backends = LogBackends(cfg.log, run_dir, config_to_dict(cfg), resume_step)
 
     def log(self, record: dict):
         if self.path is None:
             return
         with open(self.path, "a") as f:
             f.write(_dump(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, record.get("step", 0))
+        if self.backends is not None:
+            self.backends.scalars(record.get("step", 0), record)
+
+    def image(self, step: int, tag: str, grid):
+        if self.backends is not None and self.backends.active:
+            self.backends.image(step, tag, grid)
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        if self.backends is not None:
+            self.backends.close()
 
 
 class _Progress:
@@ -234,7 +234,7 @@ class _Progress:
 # Sampling and evaluation during training
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def save_sample_grids(run_dir: Path, step: int, ema, ds, cfg: TrainConfig, device, vae=None):
+def save_sample_grids(run_dir: Path, step: int, ema, ds, cfg: TrainConfig, device, vae=None, logger=None):
     """One PNG per step count of cfg.sample.steps (fixed noise and labels, so grids compare across steps)."""
     from .sampling import sample
 
@@ -259,9 +259,10 @@ def save_sample_grids(run_dir: Path, step: int, ema, ds, cfg: TrainConfig, devic
             pixels = decode_latents(vae, x)
         else:
             pixels = ds.to_pixels(x)
-        upscale = max(1, 64 // ds.shape[-1])
-        paths.append(save_png(run_dir / "samples" / f"{CKPT_PREFIX}{step:07d}-{steps}step.png", pixels, nrow,
-                              upscale))
+        grid = image_grid(pixels, nrow, max(1, 64 // ds.shape[-1]))
+        paths.append(write_png(run_dir / "samples" / f"{CKPT_PREFIX}{step:07d}-{steps}step.png", grid))
+        if logger is not None:
+            logger.image(step, f"samples/{steps}step", grid)
     return paths
 
 
@@ -461,7 +462,7 @@ def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.E
         print(f"imm_fast: training {cfg.name} on {device} (world {d.world}), run folder {run_dir}, "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(ds)} samples"
               + (f", resumed at step {step}" if resume_ck else ""), file=sys.stderr, flush=True)
-    logger = _Logger(run_dir if d.main else None, step if resume_ck is not None else None)
+    logger = _Logger(run_dir if d.main else None, step if resume_ck is not None else None, cfg)
     stack.callback(logger.close)
     progress = _Progress(cfg.progress and d.main, cfg.max_steps, step)
     stack.callback(progress.close)
@@ -637,7 +638,7 @@ def _checkpoint(run: _Run):
 
 
 def _sample(run: _Run):
-    save_sample_grids(run.run_dir, run.step, run.ema, run.ds, run.cfg, run.device, run.vae)
+    save_sample_grids(run.run_dir, run.step, run.ema, run.ds, run.cfg, run.device, run.vae, run.logger)
 
 
 def _evaluate(run: _Run) -> dict:

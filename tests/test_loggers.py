@@ -108,3 +108,21 @@ def test_missing_backend_is_a_clear_error_at_start(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     with pytest.raises(ImportError, match="log.tensorboard=true needs the 'tensorboard' package"):
         LogBackends(LogConfig(tensorboard=True), tmp_path)
+
+
+def test_train_logs_to_tensorboard_only_when_asked(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("sklearn")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import imm_fast
+
+    tiny = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "batch_size": 16, "max_steps": 4,
+            "log_every": 2, "sample.steps": [1], "sample.num_images": 10, "progress": False, "final_eval": False,
+            "device": "cpu", "out_dir": str(tmp_path)}
+    r = imm_fast.train(None, run_name="off", **tiny)
+    assert not (r.run_dir / "tb").exists()
+    r = imm_fast.train(None, run_name="on", **{**tiny, "log.tensorboard": True})
+    acc = EventAccumulator(str(r.run_dir / "tb"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+    assert [e.step for e in acc.Images("samples/1step")] == [4]
