@@ -449,7 +449,8 @@ class TrainConfig:
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by grad_accum x loss.group_size = "
                               f"{self.grad_accum} x {M} (each micro-batch holds whole groups of M particles)")
         if self.data.source != "latents" and self.data.vae_path is not None:
-            raise ConfigError("data.vae_path only applies to data.source='latents'")
+            raise ConfigError(f"data.vae_path={self.data.vae_path!r} only applies to data.source='latents', got "
+                              f"data.source={self.data.source!r}")
         if isinstance(self.sample.grid, tuple):
             from .schedule import eta_bounds
 
@@ -588,11 +589,12 @@ def read_config_file(path) -> dict:
     return data
 
 
-def load_train_config(cfg=None, overrides: Optional[dict] = None) -> "TrainConfig":
+def load_train_config(cfg=None, overrides: Optional[dict] = None, source=None) -> "TrainConfig":
     """A TrainConfig from None (the digits preset), a preset name, a TrainConfig, a dict or a YAML/JSON path.
 
     Dicts and files hold nested sections (model:, loss:, data:, sample:) or dotted keys ("model.depth"), and an
     optional `preset:` naming the base (default digits). `overrides` are dotted keys applied last.
+    source: the file a dict was read from (e.g. a checkpoint's config.json), named in errors.
     """
     import os
 
@@ -607,22 +609,25 @@ def load_train_config(cfg=None, overrides: Optional[dict] = None) -> "TrainConfi
         if not os.path.isfile(path):
             raise ConfigError(f"config {path!r} is neither a preset name {sorted(PRESETS)} nor an existing "
                               "YAML/JSON file")
-        data = read_config_file(path)
-        try:
-            return load_train_config(data, overrides)
-        except ConfigError as e:
-            raise type(e)(f"{e} (in config file {path!r})") from None
+        return load_train_config(read_config_file(path), overrides, source=path)
     elif isinstance(cfg, dict):
         data = dict(cfg)
         preset = data.pop("preset", None) or "digits"
         if preset not in PRESETS:
-            raise ConfigError(f"preset={preset!r} is not one of {sorted(PRESETS)}")
+            raise ConfigError(f"preset={preset!r} is not one of {sorted(PRESETS)}"
+                              + (f" (in config file {str(source)!r})" if source is not None else ""))
         base, flat = PRESETS[preset], _flatten(data)
     else:
         raise ConfigTypeError(f"cfg must be None, a preset name, a TrainConfig, a dict or a YAML path, got "
                               f"{type(cfg).__name__}")
     flat = {**flat, **(overrides or {})}
-    return _apply(base, flat)
+    if source is None:
+        return _apply(base, flat)
+    try:
+        return _apply(base, flat)
+    except ConfigError as e:
+        where = f"config file {str(source)!r}" + (" or its overrides" if overrides else "")
+        raise type(e)(f"{e} (in {where})") from None
 
 
 def config_to_dict(cfg) -> dict:

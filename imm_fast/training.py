@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .config import TrainConfig, config_to_dict, load_train_config
+from .config import TrainConfig, config_to_dict, load_train_config, read_config_file
 
 CKPT_PREFIX = "step-"
 
@@ -386,9 +386,9 @@ def _resolve(cfg, overrides) -> TrainConfig:
     if cfg is None and overrides.get("resume"):
         # Continue the saved run with its own config (overrides such as max_steps still apply).
         ck = find_checkpoint(overrides["resume"])
-        saved = json.loads((ck / "config.json").read_text())
+        saved = read_config_file(ck / "config.json")
         saved.pop("resume", None)
-        return load_train_config(saved, overrides)
+        return load_train_config(saved, overrides, source=ck / "config.json")
     return load_train_config(cfg, overrides)
 
 
