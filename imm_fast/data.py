@@ -15,6 +15,7 @@ Shapes: N samples, C channels, R side; images are stored NCHW.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -247,7 +248,7 @@ def _np_load(path, **kw):
     """np.load with an error naming the file (a truncated .npy, pickled objects, not an array file)."""
     try:
         return np.load(path, allow_pickle=False, **kw)
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"could not read array file {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
@@ -263,9 +264,12 @@ def load_array(path):
         xk = next((k for k in ("x", "images", "arr_0") if k in z.files), None)
         if xk is None:
             raise ValueError(f"{str(path)!r} has keys {z.files}; put the images under 'x' (and labels under 'y')")
-        x = z[xk]
         yk = next((k for k in ("y", "labels", "arr_1") if k in z.files), None)
-        y = None if yk is None else np.asarray(z[yk], dtype=np.int64)
+        try:  # members are read here, lazily
+            x = z[xk]
+            y = None if yk is None else np.asarray(z[yk], dtype=np.int64)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"could not read {xk!r} or {yk!r} of {str(path)!r}: {type(e).__name__}: {e}") from e
     else:
         raise ValueError(f"data.path={str(path)!r} must end in .npy or .npz for data.source='array'")
     if x.ndim == 3:

@@ -225,3 +225,15 @@ def test_truncated_or_bogus_image_names_the_file(tmp_path):
     bad.write_bytes(b"\x93NUMPY garbage")
     with pytest.raises(DataError, match=r"x\.npy"):
         build_dataset(DataConfig(source="array", path=str(bad)))
+
+
+def test_truncated_npz_names_the_file(tmp_path):
+    import numpy as np
+
+    from imm_fast.data import load_array
+
+    p = tmp_path / "a.npz"
+    np.savez(p, x=np.zeros((4, 1, 8, 8), np.float32), y=np.arange(4))
+    p.write_bytes(p.read_bytes()[:-200])
+    with pytest.raises(DataError, match=r"a\.npz"):
+        load_array(p)
