@@ -8,11 +8,17 @@
   torchrun --nproc_per_node 8 -m imm_fast train --preset imagenet256 data.path=/data/latents
   python -m imm_fast encode IMAGE_FOLDER OUT_FOLDER --vae /models/sd-vae-ft-ema
   python -m imm_fast sample runs/digits-... --steps 2 --cfg-scale 2 --out grid.png
+
+Errors in your input (a config typo, a missing or malformed file, an unsafe checkpoint) are printed as one line
+on stderr with exit status 2; set IMM_FAST_TRACEBACK=1 to see their traceback. Other errors are bugs and keep it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import pickle
 import sys
 
 
@@ -80,6 +86,16 @@ def _cmd_sample(args):
     from .sampling import sample
     from ._files import save_png
 
+    from .config import GRIDS
+
+    if args.num < 1:
+        raise ValueError(f"--num {args.num}: the number of images must be >= 1")
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: the number of sampling steps must be >= 1")
+    if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
+        raise ValueError(f"--cfg-scale {args.cfg_scale}: the guidance weight must be a finite number >= 0")
+    if args.grid not in GRIDS:
+        raise ValueError(f"--grid {args.grid!r} is not one of {GRIDS}")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{str(out)!r} exists; pass --overwrite or choose another --out")
@@ -141,7 +157,7 @@ def build_parser():
     s.add_argument("--cfg-scale", type=float, default=None)
     s.add_argument("--labels", type=int, nargs="*", help="class ids (cycled); default 0..label_dim-1 cycled")
     s.add_argument("--sampler", default="pushforward", choices=("pushforward", "restart"))
-    s.add_argument("--grid", default="uniform", help="uniform or edm")
+    s.add_argument("--grid", default="uniform", help="uniform or edm (the time grid)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--vae", help="decode latents with this local AutoencoderKL folder")
@@ -159,9 +175,27 @@ def main(argv=None):
         return 0
     try:
         return args.fn(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if os.environ.get("IMM_FAST_TRACEBACK", "0") not in ("", "0"):
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _user_errors():
+    from .errors import UserError
+
+    # ValueError/TypeError are what imm_fast raises for bad arguments, OSError for files it cannot read or write,
+    # UnpicklingError for unsafe or corrupt pickles, ImportError for a missing optional package.
+    return (UserError, ValueError, TypeError, OSError, ImportError, pickle.UnpicklingError)
+
+
+USER_ERRORS = _user_errors()
+
+
+def one_line(e: BaseException) -> str:
+    """The message of `e` on one line (its type name when it has none)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -36,12 +36,24 @@ from pathlib import Path
 import torch
 
 from ._files import atomic_write, atomic_write_text, fsync_dir
+from .errors import CheckpointError, UserError
 
 FORMAT = "imm_fast"
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
     """The pickle asks for something that is not on the allow-list (it could run code)."""
+
+
+# Limits on what a checkpoint may declare, so a small hostile file cannot make the loader allocate or build for
+# minutes: an archive may not expand past ZIP_EXPANSION x its size (torch stores tensors uncompressed), a tensor
+# may not claim more bytes than the file holds, and the model's dimensions are capped (and must agree with the
+# number of stored parameters).
+ZIP_EXPANSION = 4
+ZIP_SLACK = 1 << 20
+MAX_PICKLE_DEPTH = 200  # nesting of modules in an authors' pickle (a DiT is about 6 deep)
+MODEL_CAPS = {"depth": 1024, "hidden_size": 65536, "num_heads": 4096, "img_resolution": 16384,
+              "img_channels": 1024, "label_dim": 1_000_000, "patch_size": 1024, "mlp_ratio": 256.0}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -61,6 +73,33 @@ def save_model(path, model, state_dict=None):
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
     meta = {"format": FORMAT, "init_kwargs": json.dumps(core.init_kwargs)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Size limits
+# --------------------------------------------------------------------------------------------------------------
+def _check_zip(source, data=None):
+    """Refuse a zip archive (a torch.save file, or storage bytes inside a pickle) whose entries declare more bytes
+    than ZIP_EXPANSION x its size: a zip bomb. `data`: the archive's bytes when it is not the file itself."""
+    import zipfile
+
+    try:
+        size = len(data) if data is not None else os.path.getsize(source)
+        with zipfile.ZipFile(io.BytesIO(data) if data is not None else source) as z:
+            declared = sum(max(0, i.file_size) for i in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise CheckpointError(f"{str(source)!r} is not a readable zip archive: {e}") from None
+    if declared > ZIP_EXPANSION * size + ZIP_SLACK:
+        raise CheckpointError(f"{str(source)!r}: its zip entries declare {declared:,} bytes but the archive holds "
+                              f"{size:,} (more than {ZIP_EXPANSION}x): refusing a possible zip bomb")
+
+
+def _check_tensor_bytes(sd, source, limit):
+    """Each tensor may hold at most `limit` bytes (the file's size): a stored view cannot claim more."""
+    for name, t in sd.items():
+        if isinstance(t, torch.Tensor) and t.numel() * t.element_size() > limit:
+            raise CheckpointError(f"{str(source)!r}: tensor {name!r} declares shape {tuple(t.shape)} "
+                                  f"({t.numel() * t.element_size():,} bytes) but the file holds {limit:,} bytes")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,6 +158,10 @@ def _reconstruct_persistent_obj(meta):
 
 def _load_storage_from_bytes(b):
     """Replaces torch.storage._load_from_bytes (which would call torch.load with weights_only=False)."""
+    if not isinstance(b, (bytes, bytearray)):
+        raise UnsafeCheckpointError(f"storage record holds {type(b).__name__}, not bytes")
+    if bytes(b[:2]) == b"PK":
+        _check_zip("a tensor storage record", bytes(b))
     return torch.load(io.BytesIO(b), weights_only=True, map_location="cpu")
 
 
@@ -182,10 +225,21 @@ def _record_state(obj):
     return obj.__dict__.get("_state", {}) if isinstance(obj, _Record) else {}
 
 
-def _collect_state_dict(obj, prefix="", out=None):
-    """Walk _parameters/_buffers/_modules of the records like nn.Module.state_dict does."""
+def _collect_state_dict(obj, prefix="", out=None, source="the checkpoint", _seen=()):
+    """Walk _parameters/_buffers/_modules of the records like nn.Module.state_dict does (a module that contains
+    itself, or nesting past MAX_PICKLE_DEPTH, is a CheckpointError naming the file and the module)."""
     out = OrderedDict() if out is None else out
+    where = prefix.rstrip(".") or "the network"
+    if id(obj) in _seen:
+        raise CheckpointError(f"{str(source)!r}: module {where!r} contains itself")
+    if len(_seen) > MAX_PICKLE_DEPTH:
+        raise CheckpointError(f"{str(source)!r}: modules nest deeper than {MAX_PICKLE_DEPTH} at {where!r}")
+    _seen = _seen + (id(obj),)
     st = _record_state(obj)
+    for field in ("_parameters", "_buffers", "_modules"):
+        if not isinstance(st.get(field) or {}, dict):
+            raise CheckpointError(f"{str(source)!r}: field {field!r} of module {where!r} must be a dict, got "
+                                  f"{type(st[field]).__name__}")
     non_persistent = st.get("_non_persistent_buffers_set") or set()
     for name, p in (st.get("_parameters") or {}).items():
         if p is not None:
@@ -195,8 +249,12 @@ def _collect_state_dict(obj, prefix="", out=None):
             out[prefix + name] = b
     for name, m in (st.get("_modules") or {}).items():
         if m is not None:
-            _collect_state_dict(m, prefix + name + ".", out)
+            _collect_state_dict(m, prefix + name + ".", out, source, _seen)
     return out
+
+
+class _LegacyTorchFile(CheckpointError):
+    """The pickle is torch's legacy (pre-1.6) serialization: load_official reads it with torch.load instead."""
 
 
 def read_official_pickle(path, key="ema"):
@@ -204,25 +262,40 @@ def read_official_pickle(path, key="ema"):
     with open(path, "rb") as f:
         try:
             data = _RestrictedUnpickler(f).load()
-        except UnsafeCheckpointError:
+        except UserError:
             raise
+        except RecursionError:
+            raise CheckpointError(f"could not read {str(path)!r}: its pickle nests objects too deeply (an object "
+                                  "that contains itself?)") from None
         except Exception as e:  # truncated or corrupt file
-            raise ValueError(f"could not read {path!s} as an IMM checkpoint pickle: {type(e).__name__}: {e}") from e
+            raise CheckpointError(f"could not read {str(path)!r} as an IMM checkpoint pickle: {type(e).__name__}: "
+                                  f"{e}") from e
+    if isinstance(data, int) and data == torch.serialization.MAGIC_NUMBER:
+        raise _LegacyTorchFile(f"{str(path)!r} is a legacy torch.save file, not an authors' pickle")
     if isinstance(data, dict):
         if key not in data:
-            raise ValueError(f"the pickle {path!s} has no {key!r} entry; it has {sorted(map(str, data))}")
+            raise CheckpointError(f"the pickle {str(path)!r} has no {key!r} entry; it has {sorted(map(str, data))}")
         net = data[key]
     else:
         net = data
     if not isinstance(net, _Record):
-        raise ValueError(f"entry {key!r} of {path!s} is not a pickled module (got {type(net).__name__})")
+        raise CheckpointError(f"entry {key!r} of {str(path)!r} is not a pickled module (got {type(net).__name__})")
     st = _record_state(net)
-    init_kwargs = dict(st.get("_init_kwargs") or {})
-    if st.get("_init_args"):
-        raise ValueError(f"{path!s}: positional init args {st['_init_args']!r} are not supported")
-    if not init_kwargs:
-        raise ValueError(f"{path!s}: the pickled network carries no init kwargs to rebuild it from")
-    return init_kwargs, _collect_state_dict(net)
+    init_kwargs, init_args = st.get("_init_kwargs"), st.get("_init_args")
+    if init_args and not isinstance(init_args, (tuple, list)):
+        raise CheckpointError(f"{str(path)!r}: field '_init_args' of {key!r} must be a tuple, got "
+                              f"{type(init_args).__name__}")
+    if init_args:
+        raise CheckpointError(f"{str(path)!r}: positional init args {init_args!r} of {key!r} are not supported")
+    if init_kwargs is None or (isinstance(init_kwargs, dict) and not init_kwargs):
+        raise CheckpointError(f"{str(path)!r}: the pickled network {key!r} carries no '_init_kwargs' to rebuild it "
+                              "from")
+    if not isinstance(init_kwargs, dict) or not all(isinstance(k, str) for k in init_kwargs):
+        raise CheckpointError(f"{str(path)!r}: field '_init_kwargs' of {key!r} must be a dict of named values, got "
+                              f"{type(init_kwargs).__name__}")
+    sd = _collect_state_dict(net, source=path)
+    _check_tensor_bytes(sd, path, os.path.getsize(path))
+    return dict(init_kwargs), sd
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,16 +313,58 @@ def _imm_parameters():
     return set(inspect.signature(IMM.__init__).parameters) - {"self", "model_kwargs"}
 
 
-def build_from_kwargs(init_kwargs, state_dict, device="cpu", fused=None):
+def _check_model_kwargs(kwargs, source="the checkpoint", state_dict=None):
+    """Types, ranges and MODEL_CAPS of the model dimensions a checkpoint declares, before anything is built; for a
+    DiT also that the declared size agrees with the stored parameters (depth=1e7 over a small file is refused)."""
+    from .config import ModelConfig, check_fields
+    from .errors import ConfigError
+
+    src = str(source)
+    dims = {k: kwargs[k] for k in MODEL_CAPS if k in kwargs}
+    try:
+        dims = check_fields(ModelConfig, dims, prefix="init_kwargs")
+    except ConfigError as e:
+        raise CheckpointError(f"{src!r}: {e}") from None
+    for k, v in dims.items():
+        if v > MODEL_CAPS[k]:
+            raise CheckpointError(f"{src!r}: init_kwargs.{k}={v!r} exceeds the cap {MODEL_CAPS[k]!r} "
+                                  "(imm_fast.checkpoint.MODEL_CAPS)")
+    model_type = kwargs.get("model_type", "DiT")
+    if state_dict is None or not (isinstance(model_type, str) and model_type.startswith("DiT")):
+        return
+    from .models.imm import dit_kwargs_for
+
+    try:
+        dit = {**dit_kwargs_for(model_type), **dims}
+    except ValueError as e:
+        raise CheckpointError(f"{src!r}: init_kwargs.{e}") from None
+    if {"depth", "hidden_size"} <= set(dit):
+        C, r = dit["hidden_size"], dit.get("mlp_ratio", 4.0)
+        declared = dit["depth"] * (10 + 2 * r) * C * C  # per block: qkv + proj 4C^2, MLP 2rC^2, adaLN 6C^2
+        stored = sum(t.numel() for t in state_dict.values() if isinstance(t, torch.Tensor))
+        if declared > 2 * stored + (1 << 20):
+            raise CheckpointError(f"{src!r}: init_kwargs depth={dit['depth']}, hidden_size={C} declare about "
+                                  f"{declared:,.0f} parameters but the file stores {stored:,}")
+
+
+def build_from_kwargs(init_kwargs, state_dict, device="cpu", fused=None, source="the checkpoint"):
     """An IMM model from stored constructor kwargs, loaded with `state_dict` (strict), in eval mode.
 
-    Keys the reference DiT accepts but ignores (it takes **kwargs) are dropped with a warning.
+    Keys the reference DiT accepts but ignores (it takes **kwargs) are dropped with a warning. source: the file,
+    named in every error.
     """
     from .models.imm import IMM
 
     import numpy as np
 
+    src = str(source)
+    if not isinstance(init_kwargs, dict) or not all(isinstance(k, str) for k in init_kwargs):
+        raise CheckpointError(f"{src!r}: init_kwargs must be a dict of named values, got "
+                              f"{type(init_kwargs).__name__}")
     kw = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in init_kwargs.items()}
+    missing_required = [k for k in ("img_resolution", "img_channels") if k not in kw]
+    if missing_required:
+        raise CheckpointError(f"{src!r}: init_kwargs lack {missing_required} (they have {sorted(kw)})")
     allowed = _imm_parameters() | _dit_parameters() | {"skip"}
     ignored = sorted(k for k in kw if k not in allowed)
     for k in ignored:
@@ -262,31 +377,54 @@ def build_from_kwargs(init_kwargs, state_dict, device="cpu", fused=None):
         kw["fused"] = fused
     if isinstance(kw.get("embedding_kwargs"), dict):
         kw["embedding_kwargs"] = dict(kw["embedding_kwargs"])
-    model = IMM(**kw)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    _check_model_kwargs(kw, source, state_dict)
+    try:
+        model = IMM(**kw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{src!r}: cannot build the model from its init_kwargs: {e}") from e
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{src!r} does not match the model built from its init_kwargs: "
+                              f"{' '.join(str(e).split())}") from None
     if missing or unexpected:
-        raise ValueError(f"checkpoint does not match the model built from its kwargs: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
+        raise CheckpointError(f"{src!r} does not match the model built from its init_kwargs: missing "
+                              f"{missing[:8]}, unexpected {unexpected[:8]}")
     return model.to(device).eval().requires_grad_(False)
 
 
-_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
+_HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # the DiT paper's widths (S, B, L, XL) and their head counts
 
 
-def infer_model_kwargs(state_dict):
-    """DiT architecture from a state dict's shapes (heads: the DiT table, else width / 64)."""
+def infer_model_kwargs(state_dict, num_heads=None, source="the state dict"):
+    """DiT architecture from a state dict's shapes. Heads: `num_heads` if given, else hidden / head_dim when qk-norm
+    weights store head_dim, else the DiT paper's table for its widths; any other width needs num_heads given."""
     sd = state_dict
-    w = sd["model.x_embedder.proj.weight"]  # (C, Cin, p, p)
-    hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
-    num_patches = sd["model.pos_embed"].shape[1]
+    src = str(source)
+    try:
+        w = sd["model.x_embedder.proj.weight"]  # (C, Cin, p, p)
+        hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
+        num_patches = sd["model.pos_embed"].shape[1]
+        rows = sd["model.y_embedder.embedding_table.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"{src!r} is not an IMM DiT state dict: it has no tensor {e.args[0]!r}") from None
+    except (AttributeError, IndexError):
+        raise CheckpointError(f"{src!r}: the embedder tensors have unexpected shapes") from None
     grid = int(round(num_patches ** 0.5))
     depth = len({k.split(".")[2] for k in sd if k.startswith("model.blocks.")})
-    rows = sd["model.y_embedder.embedding_table.weight"].shape[0]
-    mlp_hidden = sd["model.blocks.0.mlp.fc1.weight"].shape[0] if depth else 4 * hidden
+    mlp_hidden = sd["model.blocks.0.mlp.fc1.weight"].shape[0] if "model.blocks.0.mlp.fc1.weight" in sd else 4 * hidden
+    q_norm = sd.get("model.blocks.0.attn.q_norm.weight")
+    if num_heads is None:
+        if q_norm is not None and q_norm.dim() == 1 and q_norm.numel() and hidden % q_norm.numel() == 0:
+            num_heads = hidden // q_norm.numel()  # LayerNorm(head_dim): unambiguous
+        elif hidden in _HEADS:
+            num_heads = _HEADS[hidden]
+        else:
+            raise CheckpointError(f"{src!r}: the number of attention heads of a width-{hidden} DiT cannot be read "
+                                  "from its shapes; pass it: load_official(..., model_kwargs={'num_heads': H})")
     return dict(img_resolution=grid * patch, img_channels=in_ch, patch_size=patch, hidden_size=hidden, depth=depth,
-                num_heads=_HEADS.get(hidden, max(1, hidden // 64)), mlp_ratio=mlp_hidden / hidden,
-                num_classes=rows - 1, label_dim=rows - 1, s_embed="model.s_embedder.mlp.0.weight" in sd,
-                qk_norm="model.blocks.0.attn.q_norm.weight" in sd)
+                num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, num_classes=rows - 1, label_dim=rows - 1,
+                s_embed="model.s_embedder.mlp.0.weight" in sd, qk_norm=q_norm is not None)
 
 
 _IMAGENET_DEFAULTS = dict(noise_schedule="fm", f_type="euler_fm", temb_type="stride", sigma_data=0.5, T=0.994,
@@ -312,10 +450,11 @@ def load_official(path, device="cpu", key="ema", fused=None, model_kwargs=None):
     """Load an IMM model (imm_fast's own modules, eval mode, no grad) from any supported checkpoint.
 
     path: the authors' .pkl (a local file, or `hf://lumaai/imm/<file>` from the Hugging Face Hub); an imm_fast
-    .safetensors file; a run checkpoint directory (ema.safetensors preferred,
-    else model.safetensors; a run folder follows its `latest` checkpoint); or a plain state dict file.
-    key: which network of an authors' pickle ('ema'). fused: override the DiT's fused switch.
-    model_kwargs: IMM/DiT settings for plain state dicts (their architecture is inferred from shapes).
+    .safetensors file; a run checkpoint directory (ema.safetensors preferred, else model.safetensors; a run folder
+    uses its newest verified checkpoint); or a plain state dict file (torch.save, legacy torch.save or
+    safetensors). key: which network of an authors' pickle ('ema'). fused: override the DiT's fused switch.
+    model_kwargs: IMM/DiT settings for plain state dicts (their architecture is inferred from shapes; num_heads
+    must be given when the shapes do not determine it). Errors name the file and the field.
     """
     from .hub import missing_file_hint, resolve
 
@@ -335,34 +474,50 @@ def load_official(path, device="cpu", key="ema", fused=None, model_kwargs=None):
         try:
             meta, sd = _read_safetensors(p)
         except Exception as e:
-            raise ValueError(f"could not read {str(p)!r} as safetensors: {e}") from e
+            raise CheckpointError(f"could not read {str(p)!r} as safetensors: {e}") from e
         if meta.get("format") == FORMAT:
-            return build_from_kwargs(json.loads(meta["init_kwargs"]), sd, device, fused)
-        return _from_plain_state_dict(sd, device, fused, model_kwargs)
+            try:
+                init_kwargs = json.loads(meta["init_kwargs"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise CheckpointError(f"{str(p)!r}: metadata field 'init_kwargs' is missing or not JSON "
+                                      f"({type(e).__name__}: {e})") from None
+            return build_from_kwargs(init_kwargs, sd, device, fused, source=p)
+        return _from_plain_state_dict(sd, device, fused, model_kwargs, source=p)
     if head[:2] == b"PK":  # a torch.save zip archive
-        try:
-            obj = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read {str(p)!r} as a weights-only torch checkpoint: {e}") from e
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-        if not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
-            raise ValueError(f"{str(p)!r} holds no state dict (a dict of tensors)")
-        return _from_plain_state_dict(obj, device, fused, model_kwargs)
+        _check_zip(p)
+        return _from_plain_state_dict(_torch_load(p, key), device, fused, model_kwargs, source=p)
     if not head or head[0] != 0x80:
-        raise ValueError(f"{str(p)!r} is neither a pickle, a torch checkpoint nor a safetensors file")
-    init_kwargs, sd = read_official_pickle(p, key)
-    return build_from_kwargs(init_kwargs, sd, device, fused)
-
-
-def _from_plain_state_dict(sd, device, fused, model_kwargs):
-    sd = _with_prefix(sd)
+        raise CheckpointError(f"{str(p)!r} is neither a pickle, a torch checkpoint nor a safetensors file")
     try:
-        kw = {**_IMAGENET_DEFAULTS, **infer_model_kwargs(sd)}
-    except KeyError as e:
-        raise ValueError(f"state dict is not an IMM DiT (missing {e})") from None
-    kw.update(model_kwargs or {})
-    return build_from_kwargs(kw, sd, device, fused)
+        init_kwargs, sd = read_official_pickle(p, key)
+    except _LegacyTorchFile:
+        return _from_plain_state_dict(_torch_load(p, key), device, fused, model_kwargs, source=p)
+    return build_from_kwargs(init_kwargs, sd, device, fused, source=p)
+
+
+def _torch_load(p, key):
+    """The state dict in a torch.save file (zip or legacy format), read weights-only."""
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"could not read {str(p)!r} as a weights-only torch checkpoint: {first}") from e
+    if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+        obj = obj[key]
+    if not (isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise CheckpointError(f"{str(p)!r} holds no state dict (a dict of tensors), got {type(obj).__name__}")
+    _check_tensor_bytes(obj, p, os.path.getsize(p))
+    return obj
+
+
+def _from_plain_state_dict(sd, device, fused, model_kwargs, source="the state dict"):
+    if model_kwargs is not None and not isinstance(model_kwargs, dict):
+        raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
+    sd = _with_prefix(sd)
+    model_kwargs = dict(model_kwargs or {})
+    kw = {**_IMAGENET_DEFAULTS, **infer_model_kwargs(sd, model_kwargs.get("num_heads"), source)}
+    kw.update(model_kwargs)
+    return build_from_kwargs(kw, sd, device, fused, source=source)
 
 
 # --------------------------------------------------------------------------------------------------------------

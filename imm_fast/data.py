@@ -15,6 +15,7 @@ Shapes: N samples, C channels, R side; images are stored NCHW.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
+from .errors import DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DIGITS_SPLIT_SEED = 0       # the fixed train / test split of the 1,797 digits
@@ -185,18 +187,28 @@ def load_cifar10(path, split="train"):
 
 
 def _load_image(path, resolution):
+    """(3, R, R) uint8 pixels of one image file; an unreadable or truncated file is a DataError naming it."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if resolution is not None:
-            w, h = im.size
-            s = resolution / min(w, h)  # resize the short side, then center-crop (as the DiT/ADM pipelines)
-            im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
-            w, h = im.size
-            left, top = (w - resolution) // 2, (h - resolution) // 2
-            im = im.crop((left, top, left + resolution, top + resolution))
-        return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)  # (3, R, R)
+    try:
+        with Image.open(path) as im:
+            return _decode_image(im, resolution)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # truncated, corrupt, unknown
+        raise DataError(f"could not read image {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
+def _decode_image(im, resolution):
+    from PIL import Image
+
+    im = im.convert("RGB")
+    if resolution is not None:
+        w, h = im.size
+        s = resolution / min(w, h)  # resize the short side, then center-crop (as the DiT/ADM pipelines)
+        im = im.resize((max(resolution, round(w * s)), max(resolution, round(h * s))), Image.BICUBIC)
+        w, h = im.size
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+        im = im.crop((left, top, left + resolution, top + resolution))
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)  # (3, R, R)
 
 
 def list_image_folder(path):
@@ -232,21 +244,32 @@ def load_image_folder(path, resolution=None):
     return x, y, names
 
 
+def _np_load(path, **kw):
+    """np.load with an error naming the file (a truncated .npy, pickled objects, not an array file)."""
+    try:
+        return np.load(path, allow_pickle=False, **kw)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"could not read array file {str(path)!r}: {type(e).__name__}: {e}") from e
+
+
 def load_array(path):
     """(x (N, C, R, R), labels or None) from .npy (images only) or .npz (keys x|images|arr_0 and y|labels)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data.path={str(path)!r} does not exist")
     if p.suffix == ".npy":
-        x, y = np.load(p, mmap_mode="r"), None
+        x, y = _np_load(p, mmap_mode="r"), None
     elif p.suffix == ".npz":
-        z = np.load(p)
+        z = _np_load(p)
         xk = next((k for k in ("x", "images", "arr_0") if k in z.files), None)
         if xk is None:
             raise ValueError(f"{str(path)!r} has keys {z.files}; put the images under 'x' (and labels under 'y')")
-        x = z[xk]
         yk = next((k for k in ("y", "labels", "arr_1") if k in z.files), None)
-        y = None if yk is None else np.asarray(z[yk], dtype=np.int64)
+        try:  # members are read here, lazily
+            x = z[xk]
+            y = None if yk is None else np.asarray(z[yk], dtype=np.int64)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"could not read {xk!r} or {yk!r} of {str(path)!r}: {type(e).__name__}: {e}") from e
     else:
         raise ValueError(f"data.path={str(path)!r} must end in .npy or .npz for data.source='array'")
     if x.ndim == 3:
@@ -268,8 +291,8 @@ def load_latents(path):
         if not f.is_file():
             raise FileNotFoundError(f"data.path={str(path)!r} has no latents.npy (make one with "
                                     "`python -m imm_fast encode`)")
-        x = np.load(f, mmap_mode="r")
-        y = np.load(p / "labels.npy") if (p / "labels.npy").is_file() else None
+        x = _np_load(f, mmap_mode="r")
+        y = _np_load(p / "labels.npy") if (p / "labels.npy").is_file() else None
         if x.ndim != 4:
             raise ValueError(f"{str(f)!r} must be (N, C, R, R), got shape {x.shape}")
         return x, (None if y is None else y.astype(np.int64))

@@ -21,16 +21,21 @@ import torch
 
 from . import _backend
 from . import schedule as sch
-
-SAMPLERS = ("pushforward", "restart")
+from .config import GRIDS, SAMPLERS, eta_grid_problem
 
 
 def time_grid(model, steps, grid="uniform", device=None):
-    """float64 times T = t_0 > ... > t_N = eps_t (N = steps, or len(middle etas) + 1 for an explicit list)."""
+    """float64 times T = t_0 > ... > t_N = eps_t (N = steps, or len(middle etas) + 1 for an explicit list).
+
+    grid: one of GRIDS, or middle eta values (finite, positive, strictly decreasing, each mapping to a time strictly
+    between eps_t and T); anything else is a ValueError, so a grid never leaves [eps_t, T] or runs backwards.
+    """
     T, eps, ns = model.T, model.eps, model.noise_schedule
     if isinstance(grid, str):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if grid not in GRIDS:
+            raise ValueError(f"grid={grid!r} is not one of {GRIDS} (or a list of middle eta values)")
         if grid == "uniform":
             return torch.linspace(T, eps, steps + 1, dtype=torch.float64, device=device)
         if grid == "edm":
@@ -39,16 +44,21 @@ def time_grid(model, steps, grid="uniform", device=None):
             i = torch.arange(steps + 1, dtype=torch.float64, device=device)
             etas = (eta_max ** (1 / rho) + i / steps * (eta_min ** (1 / rho) - eta_max ** (1 / rho))) ** rho
             return sch.t_of_eta(etas, ns)
-        raise ValueError(f"grid={grid!r} is not 'uniform', 'edm' or a list of middle eta values")
     try:
         mid = [float(v) for v in grid]
-    except TypeError:
-        raise TypeError(f"grid must be 'uniform', 'edm' or a list of middle eta values, got {grid!r}") from None
-    if any(v <= 0 for v in mid):
-        raise ValueError(f"grid's middle eta values must be positive, got {mid}")
+    except (TypeError, ValueError):
+        raise TypeError(f"grid must be one of {GRIDS} or a list of middle eta values, got {grid!r}") from None
+    problem = eta_grid_problem(mid)
+    if problem:
+        raise ValueError(f"grid={mid!r} {problem}")
     # As the authors: each eta goes through a default-dtype (float32) tensor before becoming a float64 time.
     mid_t = [sch.t_of_eta(torch.as_tensor(v), ns).item() for v in mid]
-    return torch.tensor([T] + mid_t + [eps], dtype=torch.float64, device=device)
+    ts = [T] + mid_t + [eps]
+    if not all(a > b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"grid={mid!r} gives times {[round(v, 6) for v in mid_t]}: each must lie strictly between "
+                         f"eps_t={eps} and T={T} and decrease (eta in ({sch.eta_bounds(eps, T, ns)[0]:.6g}, "
+                         f"{sch.eta_bounds(eps, T, ns)[1]:.6g}))")
+    return torch.tensor(ts, dtype=torch.float64, device=device)
 
 
 def _eager_net(model, class_labels, cfg_scale):
@@ -112,6 +122,8 @@ def sample(model, noise, steps=1, sampler="pushforward", grid="uniform", class_l
     expected = (model.img_channels, model.img_resolution, model.img_resolution)
     if tuple(noise.shape[1:]) != expected:
         raise ValueError(f"noise must have shape (N, {', '.join(map(str, expected))}), got {tuple(noise.shape)}")
+    if noise.shape[0] == 0:
+        raise ValueError("noise holds no samples (N = 0): ask for at least one image")
     if cfg_scale is not None and model.label_dim == 0:
         raise ValueError("cfg_scale needs a class-conditional model (label_dim > 0)")
     use_graph = _use_graph(model, noise, cfg_scale, cuda_graph)

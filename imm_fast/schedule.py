@@ -9,7 +9,9 @@ import math
 
 import torch
 
-SCHEDULES = ("fm", "vp_cosine")
+from .config import F_TYPES, NOISE_SCHEDULES
+
+SCHEDULES = NOISE_SCHEDULES  # the one list, declared in config.py
 
 
 def _check(schedule):
@@ -78,7 +80,7 @@ def c_skip_out(s, t, f_type, schedule="fm", sigma_data=0.5):
         return c_skip, c_out
     if f_type == "identity":
         return sigma_s / sigma_t, alpha_s - alpha_t * sigma_s / sigma_t
-    raise ValueError(f"f_type={f_type!r} is not one of ('euler_fm', 'simple_edm', 'identity')")
+    raise ValueError(f"f_type={f_type!r} is not one of {F_TYPES}")
 
 
 def kernel_scale(s, t, f_type, schedule="fm", sigma_data=0.5):

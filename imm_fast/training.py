@@ -50,7 +50,7 @@ from ._files import atomic_write_text, image_grid, write_png
 from .checkpoint import (CKPT_PREFIX, NonFiniteError, RunLock, _nonfinite_entries, find_checkpoint, list_checkpoints,
                          read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
                          verify_checkpoint)
-from .config import LossConfig, TrainConfig, config_to_dict, load_train_config
+from .config import LossConfig, TrainConfig, config_to_dict, load_train_config, read_config_file
 
 
 @dataclass
@@ -350,9 +350,9 @@ def _resolve(cfg, overrides) -> TrainConfig:
         # Continue the saved run with its own config (overrides such as max_steps still apply). Sizes only here:
         # the checkpoint is verified in full (sha256) under the run lock, so a busy run folder fails at once.
         ck = find_checkpoint(overrides["resume"], explain=False, full=False)
-        saved = json.loads((ck / "config.json").read_text())
+        saved = read_config_file(ck / "config.json")
         saved.pop("resume", None)
-        return load_train_config(saved, overrides)
+        return load_train_config(saved, overrides, source=ck / "config.json")
     return load_train_config(cfg, overrides)
 
 

@@ -99,3 +99,74 @@ def test_encode_folder_and_decode(tmp_path, tiny_vae):
     assert ds.shape == (4, 8, 8) and ds.num_classes == 2
     with pytest.raises(FileNotFoundError, match="local folder"):
         load_vae(tmp_path / "no-vae")
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("override,words", [
+    ("sample.sampler=restrat", ["sample.sampler='restrat'", "pushforward"]),
+    ("lr=nan", ["lr=nan", "finite"]),
+    ("model.fused=maybe", ["model.fused='maybe'", "true or false"]),
+    ("sample.steps=4", ["sample.steps=4", "list of ints"]),
+    ("seed=1.5", ["seed=1.5", "an int"]),
+    ("device=tpu", ["device='tpu'", "cuda"]),
+])
+def test_config_typo_is_one_line_and_exit_2(tmp_path, capsys, override, words):
+    # max_steps=1 etc. only matter if the typo were accepted: then the test fails fast instead of training.
+    assert main(["train", override, "max_steps=1", "final_eval=false", f"out_dir={tmp_path}"] + TINY[:3]) == 2
+    line = _one_error_line(capsys)
+    for w in words:
+        assert w in line, line
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
+    from _helpers import random_model
+    from imm_fast.checkpoint import save_model
+
+    assert main(["sample", str(tmp_path / "missing.safetensors")]) == 2
+    assert "missing.safetensors" in _one_error_line(capsys)
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in _one_error_line(capsys)
+    ck = save_model(tmp_path / "m.safetensors", random_model(img_resolution=8, img_channels=1, label_dim=2,
+                                                             hidden_size=32, depth=1, num_heads=2))
+    png = tmp_path / "out.png"
+    for args, words in [(["--num", "0"], "--num 0"), (["--steps", "0"], "--steps 0"), (["--grid", "cosine"], "--grid"),
+                        (["--labels", "7"], "class_labels")]:
+        assert main(["sample", str(ck), "--out", str(png)] + args) == 2
+        assert words in _one_error_line(capsys)
+        assert not png.exists()
+    (tmp_path / "evil.pkl").write_bytes(pickle_evil())
+    assert main(["sample", str(tmp_path / "evil.pkl")]) == 2
+    assert "allow-list" in _one_error_line(capsys)
+
+    def bug(args):
+        raise RuntimeError("an unexpected bug")
+
+    import imm_fast.__main__ as cli
+
+    monkeypatch.setattr(cli, "_cmd_train", bug)
+    with pytest.raises(RuntimeError, match="unexpected bug"):  # not swallowed into one line
+        main(["train"])
+
+
+def pickle_evil():
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    return pickle.dumps({"ema": Evil()})
+
+
+def test_one_line_on_real_stderr():
+    p = subprocess.run([sys.executable, "-m", "imm_fast", "train", "loss.k=-1"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: loss.k=-1 is out of range: must be >= 0"], p.stderr

@@ -81,3 +81,49 @@ def test_bad_arguments():
         imm_fast.sample(m, z, grid="cosine")
     with pytest.raises(ValueError, match="cfg_scale"):
         imm_fast.sample(model(label_dim=0), z, cfg_scale=1.5)
+
+
+@pytest.mark.parametrize("grid,pattern", [
+    ([float("nan")], "finite positive"),
+    ([float("inf")], "finite positive"),
+    ([0.0], "finite positive"),
+    ([1e9], "strictly between"),  # t(1e9) rounds to 1.0 > T
+    ([0.5, 1.4], "strictly decreasing"),
+    ([1.4, 1.4], "strictly decreasing"),
+    ([1e-9], "strictly between"),  # t(1e-9) is below eps_t = 0.006
+    (["a"], "grid must be one of"),
+])
+def test_bad_grids_are_refused(grid, pattern):
+    m = model()
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        time_grid(m, 1, grid)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        imm_fast.sample(m, torch.randn(1, 2, 8, 8), grid=grid)
+
+
+def test_explicit_grids_stay_within_eps_and_T():
+    m = model()
+    g = time_grid(m, 1, [20.0, 1.4, 0.1])
+    assert g[0] == m.T and g[-1] == m.eps and bool((g[1:] < g[:-1]).all())
+
+
+@pytest.mark.parametrize("labels,pattern", [
+    (torch.tensor([0, 1, 2]), r"holds 3 ids .* batch of 2"),
+    (torch.tensor([1]), r"holds 1 ids .* batch of 2"),
+    (torch.tensor(1), r"holds 1 ids .* batch of 2"),
+    (torch.zeros(2, 20), r"one-hot rows of shape \(2, label_dim=4\), got torch.float32 of shape \(2, 20\)"),
+    (torch.zeros(4, 2), r"shape \(4, 2\)"),  # 8 values: would reshape to (2, 4) silently before
+    (torch.zeros(2), r"shape \(2,\)"),  # float ids are not ids
+    (torch.zeros(2, 4, 1), r"shape \(2, 4, 1\)"),
+    (torch.tensor([True, False]), "integers"),
+    (torch.tensor([0, 5]), r"ids in \[0, 4\]"),
+])
+def test_label_count_and_shape_are_checked(labels, pattern):
+    m = model()
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        imm_fast.sample(m, torch.randn(2, 2, 8, 8), class_labels=labels)
+
+
+def test_no_images_is_an_error():
+    with pytest.raises(ValueError, match="N = 0"):
+        imm_fast.sample(model(), torch.randn(0, 2, 8, 8))

@@ -13,10 +13,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import schedule as sch
-from ..config import DIT_SIZES, F_TYPES, NOISE_SCHEDULES, TEMB_TYPES
+from ..config import DIT_SIZES, PRECISIONS, ModelConfig, check_fields, check_imm_settings
+from ..errors import ConfigError
 from .dit import DiT
 
-_PRECISIONS = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+assert set(_DTYPES) == set(PRECISIONS)
+# Backbone kwargs checked by ModelConfig's rules when given (the rest are the backbone's own business).
+_CHECKED_BACKBONE_KWARGS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "qk_norm", "dropout",
+                            "class_dropout_prob", "s_embed", "fused")
 
 
 def dit_kwargs_for(model_type: str) -> dict:
@@ -48,22 +53,26 @@ class IMM(nn.Module):
                                 mixed_precision=mixed_precision, noise_schedule=noise_schedule, model_type=model_type,
                                 sigma_data=sigma_data, f_type=f_type, T=T, eps=eps, temb_type=temb_type,
                                 time_scale=time_scale, **model_kwargs)
-        for name, value, allowed in (("noise_schedule", noise_schedule, NOISE_SCHEDULES), ("f_type", f_type, F_TYPES),
-                                     ("temb_type", temb_type, TEMB_TYPES), ("mixed_precision", mixed_precision,
-                                                                            tuple(_PRECISIONS))):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {tuple(allowed)}")
-        if f_type == "euler_fm" and noise_schedule != "fm":
-            raise ValueError("f_type='euler_fm' needs noise_schedule='fm'")
+        # The same rules as ModelConfig (stored kwargs of a checkpoint come here without a config).
+        v = check_fields(ModelConfig, dict(
+            img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+            mixed_precision=mixed_precision, noise_schedule=noise_schedule, sigma_data=sigma_data, f_type=f_type, T=T,
+            eps=eps, temb_type=temb_type, time_scale=time_scale), prefix="")
+        check_imm_settings(v)
+        img_resolution, img_channels, label_dim, sigma_data, T, eps, time_scale = (
+            v[k] for k in ("img_resolution", "img_channels", "label_dim", "sigma_data", "T", "eps", "time_scale"))
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         # The network runs in float32 as the authors' (autocast on top); tests set float64 to check gradients.
         self.compute_dtype = torch.float32
-        self.mixed_precision = _PRECISIONS[mixed_precision]
+        self.mixed_precision = _DTYPES[mixed_precision]
         self.use_mixed_precision = mixed_precision is not None
         self.noise_schedule, self.f_type, self.temb_type = noise_schedule, f_type, temb_type
         self.sigma_data, self.T, self.eps, self.time_scale = sigma_data, T, eps, time_scale
         model_kwargs.pop("skip", None)  # accepted by the reference DiT but unused by its forward
         kw = {**dit_kwargs_for(model_type), **model_kwargs}
+        kw.update(check_fields(ModelConfig, {k: kw[k] for k in _CHECKED_BACKBONE_KWARGS if k in kw}, prefix=""))
+        if "hidden_size" in kw and "num_heads" in kw and kw["hidden_size"] % kw["num_heads"]:
+            raise ConfigError(f"hidden_size={kw['hidden_size']} must be divisible by num_heads={kw['num_heads']}")
         self.model = DiT(img_resolution=img_resolution, in_channels=img_channels, **kw)
 
     # -- schedule helpers (the model's own schedule) -------------------------------------------------------------
@@ -75,26 +84,36 @@ class IMM(nn.Module):
 
     # -- labels --------------------------------------------------------------------------------------------------
     def prepare_labels(self, class_labels, n, device):
-        """None / integer ids (N,) / one-hot rows (N, label_dim), any dtype -> float32 (N, label_dim) rows, or None if unconditional.
-
-        The id label_dim (and an all-zero row) is the null class.
+        """None / integer ids (n,) / one-hot rows (n, label_dim), any dtype -> float32 (n, label_dim) rows, or None if
+        unconditional. The id label_dim (and an all-zero row) is the null class; any other count or shape is a
+        ValueError (labels are never broadcast or reshaped).
         """
         if self.label_dim == 0:
             return None
         if class_labels is None:
             return torch.zeros(n, self.label_dim, device=device, dtype=self.compute_dtype)
         if not isinstance(class_labels, torch.Tensor):
-            class_labels = torch.as_tensor(class_labels, device=device)
-        if not class_labels.is_floating_point() and class_labels.dim() <= 1:  # integer ids; rows are one-hot
+            try:
+                class_labels = torch.as_tensor(class_labels, device=device)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"class_labels must be {n} integer ids or ({n}, {self.label_dim}) one-hot rows, got "
+                                f"{type(class_labels).__name__} ({e})") from None
+        shape = tuple(class_labels.shape)
+        if class_labels.dim() <= 1 and not class_labels.is_floating_point():  # integer ids; rows are one-hot
+            if class_labels.is_complex() or class_labels.dtype == torch.bool:
+                raise TypeError(f"class_labels ids must be integers, got dtype {class_labels.dtype}")
             ids = class_labels.reshape(-1).long()
+            if ids.numel() != n:
+                raise ValueError(f"class_labels holds {ids.numel()} ids (shape {shape}) for a batch of {n}: give one "
+                                 f"id per sample, shape ({n},)")
             if ids.numel() and (ids.min() < 0 or ids.max() > self.label_dim):
                 raise ValueError(f"class_labels must be ids in [0, {self.label_dim}] ({self.label_dim} = null class), "
                                  f"got range [{ids.min().item()}, {ids.max().item()}]")
             return F.one_hot(ids, self.label_dim + 1)[:, : self.label_dim].to(self.compute_dtype)
-        if class_labels.numel() % self.label_dim:
-            raise ValueError(f"class_labels as rows must have label_dim={self.label_dim} columns, "
-                             f"got shape {tuple(class_labels.shape)}")
-        return class_labels.to(self.compute_dtype).reshape(-1, self.label_dim)
+        if shape != (n, self.label_dim):
+            raise ValueError(f"class_labels must be {n} integer ids, shape ({n},), or one-hot rows of shape "
+                             f"({n}, label_dim={self.label_dim}), got {class_labels.dtype} of shape {shape}")
+        return class_labels.to(device=device, dtype=self.compute_dtype)
 
     # -- network and output functions ----------------------------------------------------------------------------
     def forward_model(self, x, t, s, class_labels=None, force_fp32=False):
