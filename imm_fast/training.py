@@ -14,8 +14,8 @@ A run folder <out_dir>/<run_name>/ holds:
 resume), then per step _train_step (one optimizer step, or a skipped one), _update_ema, _log, and _checkpoint /
 _sample / _evaluate when due. Checkpoint files, the one `latest` resolver and the lock live in imm_fast.checkpoint.
 
-A long run never lies: a step whose loss or global grad norm is non-finite is skipped (optimizer, EMA and lr
-schedule untouched; one device-to-host sync per step decides it) and counted; after cfg.max_nonfinite_steps skips in
+A long run never lies: a step whose loss or global grad norm is non-finite (or whose groups imm_loss all masked)
+is skipped (optimizer, EMA and lr schedule untouched; one device-to-host sync per step decides it) and counted; after cfg.max_nonfinite_steps skips in
 a row the run stops with NonFiniteError naming the step, the last good checkpoint and likely causes. Weights with
 NaN/inf are never checkpointed.
 
@@ -510,9 +510,11 @@ def _draw_global_batch(run: _Run):
     return idx, flips, s, r, t, noise, drop
 
 
-def _all_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-    """Whether every rank's loss and the grad norm are finite: the step's one device-to-host sync."""
-    flag = (torch.isfinite(loss) & torch.isfinite(grad_norm)).float()
+def _all_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor, some_group: torch.Tensor) -> bool:
+    """Whether every rank's loss and the grad norm are finite and every rank kept at least one group (a step whose
+    groups were all masked carries no signal, yet Adam's momentum would still move the weights): the step's one
+    device-to-host sync."""
+    flag = (torch.isfinite(loss) & torch.isfinite(grad_norm) & some_group).float()
     if run.d.world > 1:  # every rank must take the same decision
         import torch.distributed as dist
 
@@ -521,7 +523,8 @@ def _all_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
 
 
 def _train_step(run: _Run) -> _StepOut:
-    """One optimizer step on the global batch (A micro-batches per rank); skipped when it is not finite."""
+    """One optimizer step on the global batch (A micro-batches per rank); skipped (nothing updated) when the loss or
+    grad norm is non-finite or a rank's groups were all masked by imm_loss's non-finite guard."""
     from .loss import imm_loss
 
     cfg, d, device = run.cfg, run.d, run.device
@@ -534,6 +537,7 @@ def _train_step(run: _Run) -> _StepOut:
         torch.manual_seed((cfg.seed * 1_000_003 + run.step) * 4096 + d.rank)
     run.opt.zero_grad(set_to_none=True)
     loss = torch.zeros((), device=device)
+    masked = torch.zeros((), dtype=torch.int64, device=device)  # groups imm_loss masked out on this rank
     for a in range(A):
         lo = a * (B // A) + d.rank * b  # this rank's rows of micro-batch a
         rows, groups = slice(lo, lo + b), slice(lo // M, (lo + b) // M)
@@ -546,11 +550,12 @@ def _train_step(run: _Run) -> _StepOut:
                            drop_mask=None if drop_all is None else drop_all[rows].to(device))
             (out.loss / A).backward()
         loss += out.loss.detach().float() / A
-        run.window.bad_groups += out.nonfinite_groups
+        masked += out.nonfinite_groups
+    run.window.bad_groups += masked
     clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
     lr = _lr_at(cfg, run.step)
-    applied = _all_finite(run, loss, grad_norm)
+    applied = _all_finite(run, loss, grad_norm, masked < A * b // M)
     if applied:
         for group in run.opt.param_groups:
             group["lr"] = lr
@@ -574,13 +579,15 @@ def _skip(run: _Run, out: _StepOut):
     run.window.skipped += 1
     run.skipped_in_a_row += 1
     loss, gn = float(out.loss), float(out.grad_norm)
+    why = f"loss={loss}, grad_norm={gn}" + ("" if not (math.isfinite(loss) and math.isfinite(gn)) else
+                                            ", every group of a rank non-finite")
     if run.d.main:
-        print(f"imm_fast: step {run.step + 1} skipped: loss={loss}, grad_norm={gn} (non-finite; the weights, EMA "
-              f"and lr schedule are unchanged; {run.skipped_in_a_row} in a row)", file=sys.stderr, flush=True)
+        print(f"imm_fast: step {run.step + 1} skipped: {why} (the weights, EMA and lr schedule are unchanged; "
+              f"{run.skipped_in_a_row} in a row)", file=sys.stderr, flush=True)
     if run.skipped_in_a_row >= cfg.max_nonfinite_steps:
-        msg = (f"stopping at step {run.step + 1}: {run.skipped_in_a_row} optimizer steps in a row had a non-finite "
-               f"loss or gradient norm (last: loss={loss}, grad_norm={gn}, lr={out.lr}; max_nonfinite_steps="
-               f"{cfg.max_nonfinite_steps}); none of them reached the weights; {_last_good(run)}; {_CAUSES}")
+        msg = (f"stopping at step {run.step + 1}: {run.skipped_in_a_row} optimizer steps in a row were non-finite "
+               f"(last: {why}, lr={out.lr}; max_nonfinite_steps={cfg.max_nonfinite_steps}); none of them reached "
+               f"the weights; {_last_good(run)}; {_CAUSES}")
         run.logger.log({"step": run.step, "skipped": run.window.skipped, "error": msg})
         raise NonFiniteError(msg)
 

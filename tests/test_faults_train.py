@@ -135,8 +135,10 @@ def test_nan_pixel_in_the_data_is_masked_and_training_continues(tmp_path):
     assert _assert_checkpoints_finite(r.run_dir) == ["step-0000002", "step-0000004"]
 
 
-def test_a_nonfinite_step_is_skipped_and_training_continues(tmp_path, monkeypatch):
-    """The loss of the 3rd step turns NaN (its gradients too): that step is skipped, nothing moves, training goes on."""
+@pytest.mark.parametrize("fault", ["nan_loss", "all_groups_masked"])
+def test_a_nonfinite_step_is_skipped_and_training_continues(tmp_path, monkeypatch, fault):
+    """The loss of the 3rd step turns NaN (its gradients too), or all its groups are masked (zero gradient, which
+    Adam's momentum would still turn into an update): that step is skipped, nothing moves, training goes on."""
     import imm_fast.loss as loss_mod
 
     real, calls, seen = loss_mod.imm_loss, [], {}
@@ -144,8 +146,10 @@ def test_a_nonfinite_step_is_skipped_and_training_continues(tmp_path, monkeypatc
     def poisoned(*a, **k):
         out = real(*a, **k)
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 3 and fault == "nan_loss":
             out.loss = out.loss * float("nan")
+        elif len(calls) == 3:
+            out.loss, out.nonfinite_groups = out.loss * 0.0, out.nonfinite_groups + 4
         return out
 
     def remember(step, info):
@@ -156,6 +160,7 @@ def test_a_nonfinite_step_is_skipped_and_training_continues(tmp_path, monkeypatc
     assert r.step == 4 and len(calls) == 5  # 4 applied steps + 1 skipped
     recs = [x for x in _records(r.run_dir) if "loss" in x]
     assert [(x["step"], x["skipped"]) for x in recs] == [(1, 0), (2, 0), (3, 1), (4, 0)]
+    assert sum(x["nonfinite_groups"] for x in recs) == (4 if fault == "all_groups_masked" else 0)
     state = torch.load(r.checkpoint / "train_state.pt", weights_only=True)
     assert all(int(s["step"]) == 4 for s in state["optimizer"]["state"].values())  # Adam stepped 4 times, not 5
     assert _assert_checkpoints_finite(r.run_dir) == ["step-0000002", "step-0000004"]
@@ -185,7 +190,8 @@ def test_nan_parameter_mid_run_stops_after_max_nonfinite_steps(tmp_path):
             with torch.no_grad():
                 info["model"].model.x_embedder.proj.bias[0] = float("nan")
 
-    with pytest.raises(NonFiniteError, match=r"stopping at step 4: 2 optimizer steps in a row.*step-0000002"):
+    with pytest.raises(NonFiniteError, match=r"stopping at step 4: 2 optimizer steps in a row were non-finite.*"
+                                             r"grad_norm=nan.*step-0000002"):
         imm_fast.train(None, out_dir=str(tmp_path), run_name="r", max_steps=8, max_nonfinite_steps=2,
                        callback=poison, **FAST)
     assert _assert_checkpoints_finite(tmp_path / "r") == ["step-0000002"]
