@@ -530,11 +530,11 @@ CKPT_FILES = ("model.safetensors", "ema.safetensors", "train_state.pt", "config.
 _CKPT_NAME = re.compile(r"step-(\d+)")
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """Training met non-finite values it must not keep (weights, or too many non-finite steps in a row)."""
 
 
-class RunFolderBusyError(ValueError):
+class RunFolderBusyError(UserError, ValueError):
     """Another live process holds the run folder's lock."""
 
 

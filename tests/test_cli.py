@@ -170,3 +170,17 @@ def test_one_line_on_real_stderr():
                        timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "error: loss.k=-1 is out of range: must be >= 0"], p.stderr
+
+
+def test_a_run_stopped_by_nonfinite_steps_is_one_line_and_not_success(tmp_path, capsys):
+    """Data that is all NaN: every step is skipped, the run stops after max_nonfinite_steps with exit 2."""
+    data = tmp_path / "nan.npy"
+    np.save(data, np.full((32, 1, 8, 8), np.nan, np.float32))
+    argv = ["train", "data.source=array", f"data.path={data}", "data.class_conditional=false", "model.label_dim=0",
+            "max_nonfinite_steps=2", f"out_dir={tmp_path}", "run_name=nan"] + TINY
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err  # the skips are logged above the one error line
+    assert "2 optimizer steps in a row were non-finite" in errors[0] and "likely causes" in errors[0]
+    assert not list((tmp_path / "nan").glob("checkpoints/step-*"))  # nothing saved from a run that never stepped
