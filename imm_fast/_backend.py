@@ -14,7 +14,7 @@ One rule for every op:
   automatically. A name that is no backend at all raises ValueError.
 - auto: the first Impl in the op's list that can run and that auto may pick (`auto_skip` returns a reason to
   pass over an Impl that could run: the Triton interpreter on CPU, a shape measured slower); "torch" always can.
-A new backend is one `register(op, Impl(...))` call (plus its launcher). Launchers of every backend follow one
+A new backend is one `register(op, Impl(...))` call naming its launcher. Launchers of every backend follow one
 convention for outputs that were not asked for: `absent(like)`, a (0,) tensor on like's device and dtype, and
 the fake (shape-only) implementations return the same.
 
@@ -64,6 +64,7 @@ class Impl:
     ready: Optional[Callable[[str], Optional[str]]] = None     # device type -> why it is absent here, or None
     limits: Optional[Callable[[OpArgs], List[str]]] = None     # shape / option limits -> reasons
     auto_skip: Optional[Callable[[OpArgs], Optional[str]]] = None  # why auto passes it over though it could run
+    launcher: Optional[Callable[[str], Callable]] = None      # device type -> the op's launcher (imported lazily)
 
     def why_not(self, args: OpArgs) -> List[str]:
         """Every reason this implementation cannot run on args (empty: it can)."""
@@ -94,14 +95,22 @@ def register(op: str, impl: Impl) -> None:
     """Append impl to op's list (auto tries them in registration order; the reference is kept last)."""
     if impl.name not in BACKENDS:
         raise ValueError(f"Impl name {impl.name!r} is not one of {BACKENDS}")
-    impls = [i for i in _REGISTRY.get(op, []) if i.name != impl.name and i is not REFERENCE]
-    _REGISTRY[op] = impls + [impl] + ([REFERENCE] if impl is not REFERENCE else [])
+    others = [i for i in _REGISTRY.get(op, []) if i.name != impl.name and i is not REFERENCE]
+    _REGISTRY[op] = others + [impl] + ([REFERENCE] if impl is not REFERENCE else [])
 
 
 def impls(op: str) -> List[Impl]:
     if op not in _REGISTRY:
         raise KeyError(f"no backends registered for op {op!r}; known: {sorted(_REGISTRY)}")
     return list(_REGISTRY[op])
+
+
+def launcher(op: str, backend: str, device_type: str) -> Callable:
+    """The launcher backend registered for op (the op's custom op calls it with the op's contract)."""
+    impl = next((i for i in impls(op) if i.name == backend), None)
+    if impl is None or impl.launcher is None:
+        raise ValueError(f"{op} has no launcher for backend={backend!r}")
+    return impl.launcher(device_type)
 
 
 def reasons(op: str, args: OpArgs) -> Dict[str, List[str]]:

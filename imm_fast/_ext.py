@@ -216,8 +216,12 @@ def build_library(name: str, spec: dict, root: str = None):
                 if pause > 0:
                     time.sleep(pause)
                 # Builds in tmp and loads the library from there (torch.ops.load_library): the rename keeps it.
-                cpp_extension.load(name=name, build_directory=tmp, is_python_module=False,
-                                   verbose=os.environ.get("IMM_FAST_VERBOSE_BUILD", "0") == "1", **spec)
+                try:
+                    cpp_extension.load(name=name, build_directory=tmp, is_python_module=False,
+                                       verbose=os.environ.get("IMM_FAST_VERBOSE_BUILD", "0") == "1", **spec)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
                 loaded = True
                 if os.path.isdir(final):  # a folder without the library (an old layout): replace it
                     shutil.rmtree(final, ignore_errors=True)

@@ -148,3 +148,13 @@ def test_build_key_follows_sources_and_flags_not_the_checkout(tmp_path):
     with open(b / "mmd.h", "a") as f:
         f.write("\n// changed\n")
     assert ka != _ext._build_key(spec(b))  # a header counts too
+
+
+def test_failed_build_leaves_no_lock_and_no_temporaries(tmp_path):
+    root, src = str(tmp_path / "cache"), tmp_path / "src"
+    src.mkdir()
+    (src / "broken.cpp").write_text("this is not C++\n")
+    spec = dict(sources=[str(src / "broken.cpp")], extra_cflags=["-O0"], extra_include_paths=[str(src)])
+    with pytest.raises(Exception):
+        _ext.build_library("probe_broken", spec, root=root)
+    assert os.listdir(root) == []  # neither the lock nor a half-built folder remains

@@ -164,12 +164,20 @@ def _register():
         return ["a scale that requires grad needs the reference (the kernels give no dL/dscale)"] \
             if args.get("scale_grad") else []
 
+    def triton_launcher(device_type):
+        from ..kernels.mmd import mmd_fwd
+
+        return mmd_fwd
+
+    def ext_launcher(device_type):
+        return _ext_module(device_type).mmd_fwd
+
     bk.register("mmd", bk.Impl("triton", devices=("cuda", "cpu"), dtypes=bk.KERNEL_DTYPES, ready=bk.triton_ready,
-                               limits=scale_grad, auto_skip=bk.interpreter_not_auto))
+                               limits=scale_grad, auto_skip=bk.interpreter_not_auto, launcher=triton_launcher))
     bk.register("mmd", bk.Impl("cuda", devices=("cuda",), dtypes=bk.KERNEL_DTYPES, ready=_ext_ready,
-                               limits=scale_grad))
+                               limits=scale_grad, launcher=ext_launcher))
     bk.register("mmd", bk.Impl("cpp", devices=("cpu",), dtypes=bk.KERNEL_DTYPES, ready=_ext_ready,
-                               limits=scale_grad))
+                               limits=scale_grad, launcher=ext_launcher))
 
 
 _register()
@@ -187,10 +195,7 @@ def _pick_backend(backend, device_type: str, dtype=torch.float32) -> str:
 
 
 def _launch(backend: str, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy):
-    if backend == "triton":
-        from ..kernels.mmd import mmd_fwd
-    else:
-        mmd_fwd = _ext_module(x2d.device.type).mmd_fwd
+    mmd_fwd = _backend.launcher("mmd", backend, x2d.device.type)
     return mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy)
 
 
