@@ -121,6 +121,38 @@ def _ln_fwd(x0, x1, W, Bias, cols0, cols1, Dh, eps, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _load_own_block(ptr, rows, row_stride, mask_rows, cols0, cols1, W, Bias, Dh, eps,
+                    HAS_QK_NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """A backward program's own q or k block, normalized when HAS_QK_NORM: (x0, x1, xhat0, xhat1, rstd), x in the
+    input dtype (the dot operand); xhat, rstd are the LayerNorm's saved values (placeholders without qk-norm)."""
+    x0, x1 = _load_parts(ptr, rows, row_stride, mask_rows, cols0, cols1, Dh, SPLIT)
+    h0 = x0.to(tl.float32)
+    h1 = x1.to(tl.float32)
+    rstd = tl.sum(h0, 1)  # placeholder of the right shape; replaced when HAS_QK_NORM
+    if HAS_QK_NORM:
+        y0, h0, y1, h1, rstd = _ln_fwd(h0, h1, W, Bias, cols0, cols1, Dh, eps, SPLIT)
+        x0 = y0.to(x0.dtype)
+        x1 = y1.to(x1.dtype)
+    return x0, x1, h0, h1, rstd
+
+
+@triton.jit
+def _grad_epilogue(d0, d1, h0, h1, rstd, W, DW, DB, pid, sm_scale, mask_rows, cols0, cols1, Dh,
+                   HAS_QK_NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """The accumulated dK or dQ block: the softmax scale, then with qk-norm the per-program weight/bias partials
+    and the LayerNorm backward. Returns the column parts (d0, d1) to store (d1 = d0 unless SPLIT)."""
+    d0 = d0 * sm_scale
+    if SPLIT:
+        d1 = d1 * sm_scale
+    else:
+        d1 = d0
+    if HAS_QK_NORM:
+        _store_norm_partials(DW, DB, pid.to(tl.int64) * Dh, d0, h0, d1, h1, mask_rows, cols0, cols1, Dh, SPLIT)
+        d0, d1 = _ln_bwd(d0, h0, d1, h1, rstd, W, cols0, cols1, Dh, SPLIT)
+    return d0, d1
+
+
+@triton.jit
 def _ln_apply(x0, x1, W, Bias, cols0, cols1, Dh, eps, SPLIT: tl.constexpr):
     """The normalized rows only, in x's dtype (the dot operand), from raw rows in x's dtype."""
     y0, _, y1, _, _ = _ln_fwd(x0.to(tl.float32), x1.to(tl.float32), W, Bias, cols0, cols1, Dh, eps, SPLIT)
@@ -273,16 +305,13 @@ def _attention_bwd_dkdv_kernel(
     row_ = pid_bh.to(tl.int64) * T  # this (b, h)'s row of LSE and Delta
     dt = QKV.dtype.element_ty
 
-    k0, k1 = _load_parts(kb_, offs_n, stride_xt, mask_n, cols0, cols1, Dh, SPLIT)
+    k0, k1, kh0, kh1, krstd = _load_own_block(kb_, offs_n, stride_xt, mask_n, cols0, cols1, KW, KB, Dh, eps,
+                                              HAS_QK_NORM, SPLIT)
     v0, v1 = _load_parts(vb_, offs_n, stride_xt, mask_n, cols0, cols1, Dh, SPLIT)
-    if HAS_QK_NORM:
-        ky0, kh0, ky1, kh1, krstd = _ln_fwd(k0.to(tl.float32), k1.to(tl.float32), KW, KB, cols0, cols1, Dh, eps,
-                                            SPLIT)
-        k0 = ky0.to(dt)
-        k1 = ky1.to(dt)
 
     dk0 = tl.zeros((BLOCK_N, BLOCK_D0), tl.float32)
     dv0 = tl.zeros((BLOCK_N, BLOCK_D0), tl.float32)
+    dk1 = dk0  # the second column part only when SPLIT
     if SPLIT:
         dk1 = tl.zeros((BLOCK_N, BLOCK_D1), tl.float32)
         dv1 = tl.zeros((BLOCK_N, BLOCK_D1), tl.float32)
@@ -306,16 +335,8 @@ def _attention_bwd_dkdv_kernel(
         if SPLIT:
             dv1 += _dot(pT, do1, DOT_PRECISION, UPCAST_DOT)
             dk1 += _dot(dsT, q1, DOT_PRECISION, UPCAST_DOT)
-    dk0 = dk0 * sm_scale
-    if SPLIT:
-        dk1 = dk1 * sm_scale
-    else:
-        dk1 = dk0
-
-    if HAS_QK_NORM:
-        part = pid.to(tl.int64) * Dh
-        _store_norm_partials(DKW, DKB, part, dk0, kh0, dk1, kh1, mask_n, cols0, cols1, Dh, SPLIT)
-        dk0, dk1 = _ln_bwd(dk0, kh0, dk1, kh1, krstd, KW, cols0, cols1, Dh, SPLIT)
+    dk0, dk1 = _grad_epilogue(dk0, dk1, kh0, kh1, krstd, KW, DKW, DKB, pid, sm_scale, mask_n, cols0, cols1, Dh,
+                              HAS_QK_NORM, SPLIT)
 
     db_ = DQKV + b.to(tl.int64) * T * 3 * C + h * Dh
     _store_tile(db_ + C, offs_n, 3 * C, mask_n, cols0, Dh, dk0)
@@ -359,17 +380,14 @@ def _attention_bwd_dq_kernel(
     row_ = pid_bh.to(tl.int64) * T  # this (b, h)'s row of LSE and Delta
     dt = QKV.dtype.element_ty
 
-    q0, q1 = _load_parts(qb_, offs_m, stride_xt, mask_m, cols0, cols1, Dh, SPLIT)
+    q0, q1, qh0, qh1, qrstd = _load_own_block(qb_, offs_m, stride_xt, mask_m, cols0, cols1, QW, QB, Dh, eps,
+                                              HAS_QK_NORM, SPLIT)
     do0, do1 = _load_parts(dob_, offs_m, stride_dot, mask_m, cols0, cols1, Dh, SPLIT)
-    if HAS_QK_NORM:
-        qy0, qh0, qy1, qh1, qrstd = _ln_fwd(q0.to(tl.float32), q1.to(tl.float32), QW, QB, cols0, cols1, Dh, eps,
-                                            SPLIT)
-        q0 = qy0.to(dt)
-        q1 = qy1.to(dt)
     lse2 = tl.load(LSE + row_ + offs_m, mask=mask_m, other=0.0) * _LOG2E
     delta = tl.load(Delta + row_ + offs_m, mask=mask_m, other=0.0)
 
     dq0 = tl.zeros((BLOCK_M, BLOCK_D0), tl.float32)
+    dq1 = dq0  # the second column part only when SPLIT
     if SPLIT:
         dq1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)
     for start_n in range(0, T, BLOCK_N):
@@ -386,16 +404,8 @@ def _attention_bwd_dq_kernel(
         dq0 += _dot(ds, k0, DOT_PRECISION, UPCAST_DOT)
         if SPLIT:
             dq1 += _dot(ds, k1, DOT_PRECISION, UPCAST_DOT)
-    dq0 = dq0 * sm_scale
-    if SPLIT:
-        dq1 = dq1 * sm_scale
-    else:
-        dq1 = dq0
-
-    if HAS_QK_NORM:
-        part = pid.to(tl.int64) * Dh
-        _store_norm_partials(DQW, DQB, part, dq0, qh0, dq1, qh1, mask_m, cols0, cols1, Dh, SPLIT)
-        dq0, dq1 = _ln_bwd(dq0, qh0, dq1, qh1, qrstd, QW, cols0, cols1, Dh, SPLIT)
+    dq0, dq1 = _grad_epilogue(dq0, dq1, qh0, qh1, qrstd, QW, DQW, DQB, pid, sm_scale, mask_m, cols0, cols1, Dh,
+                              HAS_QK_NORM, SPLIT)
 
     db_ = DQKV + b.to(tl.int64) * T * 3 * C + h * Dh
     _store_tile(db_, offs_m, 3 * C, mask_m, cols0, Dh, dq0)

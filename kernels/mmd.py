@@ -173,6 +173,8 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     if x2d.shape != y2d.shape:
         raise ValueError(f"y2d must have x2d's shape {tuple(x2d.shape)}, got {tuple(y2d.shape)}")
     B, D = x2d.shape
+    if D == 0:
+        raise ValueError(f"rows need at least one value (D >= 1), got shape {tuple(x2d.shape)}")
     M = int(group_size)
     if M < 1 or B % M:
         raise ValueError(f"group_size={group_size} must be a positive divisor of B={B}")
