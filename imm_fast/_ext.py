@@ -223,14 +223,21 @@ def build_library(name: str, spec: dict, root: str = None):
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
                 loaded = True
-                if os.path.isdir(final):  # a folder without the library (an old layout): replace it
+                if os.path.isdir(final) and not os.path.exists(lib):  # a folder without the library: replace it
                     shutil.rmtree(final, ignore_errors=True)
-                os.rename(tmp, final)
-            finally:
                 try:
-                    os.remove(lock_path)
-                except FileNotFoundError:
-                    pass
+                    os.rename(tmp, final)
+                except OSError:  # published meanwhile by a build that outlived its stale lock: keep that one
+                    if not os.path.exists(lib):
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                owner = _read_owner(lock_path) or {}
+                if (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):  # ours only
+                    try:
+                        os.remove(lock_path)
+                    except FileNotFoundError:
+                        pass
             break
         owner = _read_owner(lock_path)
         if owner is None:

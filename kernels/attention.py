@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import KERNEL_DTYPES  # the dtypes the registry declares for these kernels
+
 LOG2E = 1.4426950408889634  # log2(e): scores go to the log2 domain (exp2), launchers fold it into qk_scale
 _LOG2E = tl.constexpr(LOG2E)  # the same, usable inside kernels
 _LN2 = tl.constexpr(1.0 / LOG2E)  # ln(2): log2-domain logsumexp back to natural log
@@ -471,8 +473,8 @@ def _check(qkv, num_heads):
     why = head_dim_problem(Dh)
     if why:
         raise ValueError(f"the triton attention {why}")
-    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"qkv must be float16, bfloat16 or float32, got {qkv.dtype}")
+    if qkv.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"qkv must be one of {KERNEL_DTYPES}, got {qkv.dtype}")
     return B, T, C3 // 3, Dh
 
 
