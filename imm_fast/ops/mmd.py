@@ -158,8 +158,6 @@ def _ext_ready(device_type: str):
 def _register():
     """mmd's implementations, auto order first to last. CUDA: "triton" before the CUDA extension until device
     measurements (benchmarks/bench_mmd.py) say otherwise; CPU: the C++ extension."""
-    bk = _backend
-
     def scale_grad(args):
         return ["a scale that requires grad needs the reference (the kernels give no dL/dscale)"] \
             if args.get("scale_grad") else []
@@ -172,12 +170,14 @@ def _register():
     def ext_launcher(device_type):
         return _ext_module(device_type).mmd_fwd
 
-    bk.register("mmd", bk.Impl("triton", devices=("cuda", "cpu"), dtypes=bk.KERNEL_DTYPES, ready=bk.triton_ready,
-                               limits=scale_grad, auto_skip=bk.interpreter_not_auto, launcher=triton_launcher))
-    bk.register("mmd", bk.Impl("cuda", devices=("cuda",), dtypes=bk.KERNEL_DTYPES, ready=_ext_ready,
-                               limits=scale_grad, launcher=ext_launcher))
-    bk.register("mmd", bk.Impl("cpp", devices=("cpu",), dtypes=bk.KERNEL_DTYPES, ready=_ext_ready,
-                               limits=scale_grad, launcher=ext_launcher))
+    Impl, dtypes = _backend.Impl, _backend.KERNEL_DTYPES
+    _backend.register("mmd", Impl("triton", devices=("cuda", "cpu"), dtypes=dtypes, ready=_backend.triton_ready,
+                                  limits=scale_grad, auto_skip=_backend.interpreter_not_auto,
+                                  launcher=triton_launcher))
+    _backend.register("mmd", Impl("cuda", devices=("cuda",), dtypes=dtypes, ready=_ext_ready, limits=scale_grad,
+                                  launcher=ext_launcher))
+    _backend.register("mmd", Impl("cpp", devices=("cpu",), dtypes=dtypes, ready=_ext_ready, limits=scale_grad,
+                                  launcher=ext_launcher))
 
 
 _register()
