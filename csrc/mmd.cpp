@@ -82,13 +82,13 @@ struct MmdCpu {
     std::vector<const C*> rows;
     std::vector<C*> outs;
     std::vector<C> in, out;
-    std::vector<C> part;  // P partial sums of one chunk
+    std::vector<C> part;  // P partial sums of one chunk, then n self terms (0 or NaN, see mmd_pair.h)
   };
   Scratch scratch() const {
     Scratch s;
     s.rows.resize(n);
     s.outs.resize(n);
-    s.part.resize(P);
+    s.part.resize(P + n);
     if (!kDirect) {
       s.in.resize(n * kMmdChunk);
       s.out.resize(n * kMmdChunk);
@@ -119,10 +119,19 @@ struct MmdCpu {
     }
   }
 
-  // P partial squared distances of chunk c of group g into s.part.
+  // P partial squared distances of chunk c of group g, then the n rows' self terms, into s.part.
   void partial(Scratch& s, int64_t g, int64_t c) const {
     load(s, g, c);
-    pair_sq(K, s.rows.data(), int(n), chunk_len(c), s.part.data());
+    const int64_t len = chunk_len(c);
+    pair_sq(K, s.rows.data(), int(n), len, s.part.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const C* r = s.rows[i];
+      C t = 0;
+      // 0, or NaN for an inf / NaN value: any summation order gives the same, so let it vectorize.
+#pragma omp simd reduction(+ : t)
+      for (int64_t k = 0; k < len; ++k) t += r[k] - r[k];
+      s.part[P + i] = t;
+    }
   }
 
   // Gradient rows [a0, a1) of chunk c of group g; W: n x n coefficients of the group.
@@ -158,13 +167,15 @@ void run_cpu(const at::Tensor& x, const at::Tensor& y, int64_t M, const double* 
         need_gx ? 0 : int(M), need_gy ? int(n) : int(M)};
   const bool grads = need_gx || need_gy;
   const double Dn = normalize_dim ? double(D) : 1.0;
-  std::vector<double> d2(G * p.P, 0.0);  // (G, P) squared distances
+  const int64_t Q = p.P + n;             // per group: P squared distances, then n self terms
+  std::vector<double> d2(G * Q, 0.0);    // (G, Q)
   std::vector<C> W(G * n * n);           // (G, n, n) gradient coefficients
   std::vector<double> out(G);            // (G,) MMD2 in double
   const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
 
   auto finish_group = [&](int64_t g) {
-    out[g] = mmd_coefficients(d2.data() + g * p.P, M, scale[g], eps, rbf, Dn, W.data() + g * n * n);
+    const double* dg = d2.data() + g * Q;
+    out[g] = mmd_coefficients(dg, dg + p.P, M, scale[g], eps, rbf, Dn, W.data() + g * n * n);
   };
 
   if (G >= 4 * int64_t(nt)) {
@@ -174,10 +185,10 @@ void run_cpu(const at::Tensor& x, const at::Tensor& y, int64_t M, const double* 
       auto s = p.scratch();
 #pragma omp for schedule(static)
       for (int64_t g = 0; g < G; ++g) {
-        double* dg = d2.data() + g * p.P;
+        double* dg = d2.data() + g * Q;
         for (int64_t c = 0; c < p.nch; ++c) {
           p.partial(s, g, c);
-          for (int64_t q = 0; q < p.P; ++q) dg[q] += double(s.part[q]);
+          for (int64_t q = 0; q < Q; ++q) dg[q] += double(s.part[q]);
         }
         finish_group(g);
         if (grads)
@@ -187,20 +198,20 @@ void run_cpu(const at::Tensor& x, const at::Tensor& y, int64_t M, const double* 
   } else {
     // Few groups: split D into chunks across threads; partial sums are kept per chunk and added in order.
     const int64_t items = G * p.nch;
-    std::vector<C> parts(items * p.P);  // (G, nch, P)
+    std::vector<C> parts(items * Q);  // (G, nch, Q)
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
       auto s = p.scratch();
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < items; ++it) {
         p.partial(s, it / p.nch, it % p.nch);
-        std::copy(s.part.begin(), s.part.end(), parts.begin() + it * p.P);
+        std::copy(s.part.begin(), s.part.end(), parts.begin() + it * Q);
       }
 #pragma omp for schedule(static)
       for (int64_t g = 0; g < G; ++g) {
-        double* dg = d2.data() + g * p.P;
+        double* dg = d2.data() + g * Q;
         for (int64_t c = 0; c < p.nch; ++c)
-          for (int64_t q = 0; q < p.P; ++q) dg[q] += double(parts[(g * p.nch + c) * p.P + q]);
+          for (int64_t q = 0; q < Q; ++q) dg[q] += double(parts[(g * p.nch + c) * Q + q]);
         finish_group(g);
       }
       if (grads) {
@@ -228,8 +239,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_fwd_cpu(const at::Tensor& x, 
   const int64_t B = x.size(0), D = x.size(1);
   const auto st = x.scalar_type();
   auto mmd2 = at::empty({G}, x.options().dtype(st == at::kDouble ? at::kDouble : at::kFloat));
-  auto gx = at::empty({need_gx ? B : 0, need_gx ? D : 0}, x.options());
-  auto gy = at::empty({need_gy ? B : 0, need_gy ? D : 0}, y.options());
+  auto gx = need_gx ? at::empty({B, D}, x.options()) : at::empty({0}, x.options());
+  auto gy = need_gy ? at::empty({B, D}, y.options()) : at::empty({0}, y.options());
   const auto sc = scale.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "imm_fast_mmd_fwd_cpu", [&] {
     run_cpu<scalar_t>(x, y, group_size, sc.const_data_ptr<double>(), eps, rbf, normalize_dim, mmd2, gx, gy,

@@ -2,7 +2,8 @@
 //
 // Shapes: x, y (B, D), B = G*M rows, group g = rows g*M .. g*M+M-1 (any row stride, unit column stride);
 // scale (G,) fp32/fp64; outputs mmd2 (G,) (fp64 for fp64 inputs, else fp32), gx/gy (B, D) in the input dtype,
-// or empty tensors when not asked for.
+// or (0,) tensors when not asked for (imm_fast._backend.absent: one convention for every backend and fake).
+// A row with an inf or NaN value makes its group's MMD2 and gradients NaN, as in the reference.
 // Laplace: k = exp(-scale_g * max(d, eps) / Dn); rbf: k = exp(-scale_g * max(d^2, eps^2) / Dn);
 // Dn = D if normalize_dim else 1. MMD2_g = (1/M^2) sum_ij [k(x_i,x_j) + k(y_i,y_j) - 2 k(x_i,y_j)].
 // gx_i = d MMD2_g / d x_i (unweighted); pairs inside the clamp (d < eps) contribute no gradient.
@@ -10,8 +11,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-#include <cmath>
 #include <tuple>
+
+#include "mmd_pair.h"
 
 namespace imm_fast {
 
@@ -32,6 +34,7 @@ inline int64_t mmd_check(const at::Tensor& x, const at::Tensor& y, int64_t group
   TORCH_CHECK(group_size >= 1, "mmd_fwd: group_size must be >= 1, got ", group_size);
   const int64_t B = x.size(0), D = x.size(1);
   TORCH_CHECK(B >= 1 && B % group_size == 0, "mmd_fwd: group_size=", group_size, " must divide B=", B);
+  TORCH_CHECK(D >= 1, "mmd_fwd: rows need at least one value (D >= 1), got shape ", x.sizes());
   TORCH_CHECK(D == 1 || (x.stride(1) == 1 && y.stride(1) == 1),
               "mmd_fwd: x and y need a unit column stride, got strides ", x.strides(), " and ", y.strides());
   const int64_t G = B / group_size;
@@ -43,31 +46,24 @@ inline int64_t mmd_check(const at::Tensor& x, const at::Tensor& y, int64_t group
 }
 
 // Per-pair coefficients of one group from its squared distances (all in double; 4M^2 exps, cheap).
-// d2: P = n(n-1)/2 squared distances, n = 2M, pair index tri(a, b) = a*n - a*(a+1)/2 + b - a - 1 (a < b).
-// W (n x n, out): dMMD2/dz_a = sum_b W_ab (z_a - z_b). Returns MMD2_g.
+// d2: P = n(n-1)/2 squared distances, n = 2M, pair index tri(a, b) = a*n - a*(a+1)/2 + b - a - 1 (a < b);
+// self: n values, 0 or NaN per row (see mmd_pair.h). W (n x n, out): dMMD2/dz_a = sum_b W_ab (z_a - z_b).
+// Returns MMD2_g.
 template <typename W_t>
-inline double mmd_coefficients(const double* d2, int64_t M, double scale, double eps, bool rbf, double Dn,
-                               W_t* W) {
+inline double mmd_coefficients(const double* d2, const double* self, int64_t M, double scale, double eps, bool rbf,
+                               double Dn, W_t* W) {
   const int64_t n = 2 * M;
-  const double f = scale / Dn, invM2 = 1.0 / (double(M) * double(M)), eps2 = eps * eps;
-  double total = double(n) * std::exp(-f * (rbf ? eps2 : eps));  // the n diagonal pairs, distance 0 (clamped)
+  const double f = scale / Dn, invM2 = 1.0 / (double(M) * double(M));
+  double total = 0;
+  for (int64_t a = 0; a < n; ++a) total += mmd_pair(self[a], f, eps, rbf, 0.0).k;  // diagonal: distance 0
   int64_t p = 0;
   for (int64_t a = 0; a < n; ++a) {
     W[a * n + a] = W_t(0);
     for (int64_t b = a + 1; b < n; ++b, ++p) {
       const double c = ((a < M) == (b < M)) ? 1.0 : -1.0;  // +k for xx and yy pairs, -k for xy and yx
-      const double q = d2[p] < 0 ? 0.0 : d2[p];  // comparisons written so NaN propagates like the reference
-      double k, w;
-      if (rbf) {
-        k = std::exp(-f * (q < eps2 ? eps2 : q));
-        w = !(q < eps2) ? -4.0 * c * invM2 * f * k : 0.0;  // (2/M^2) c dk/d(d^2) * 2
-      } else {
-        const double d = std::sqrt(q);
-        k = std::exp(-f * (d < eps ? eps : d));
-        w = !(d < eps) ? -2.0 * c * invM2 * f * k / d : 0.0;  // (2/M^2) c dk/dd / d
-      }
-      total += 2.0 * c * k;
-      W[a * n + b] = W[b * n + a] = W_t(w);
+      const MmdPair pr = mmd_pair(d2[p] + self[a] + self[b], f, eps, rbf, c * invM2);
+      total += 2.0 * c * pr.k;
+      W[a * n + b] = W[b * n + a] = W_t(pr.w);
     }
   }
   return total * invM2;

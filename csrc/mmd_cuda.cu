@@ -2,9 +2,10 @@
 // a CUDA toolkit. One block per group, threads over D:
 //   (1) squared distances of the group's P = n(n-1)/2 row pairs (n = 2M) from differences, four pairs per
 //       pass, each a fixed-order block reduction (warp shuffles, then one value per warp): deterministic;
-//   (2) kernel values and gradient coefficients W (n x n) in double, MMD2_g by a block reduction;
+//   (2) kernel values and gradient coefficients W (n x n) in double (mmd_pair.h, shared with the CPU
+//       source), MMD2_g by a block reduction; a row with an inf / NaN value makes its group NaN;
 //   (3) gradient rows sum_b W_ab (z_a - z_b), threads over D (difference form: no cancellation).
-// Shapes: x, y (B, D) with row strides sx, sy; B = G*M; work (G, P + n*n) in the compute dtype C (float, or
+// Shapes: x, y (B, D) with row strides sx, sy; B = G*M; work (G, P + n + n*n) in the compute dtype C (float, or
 // double for double inputs); mmd2 (G,) in C; gx, gy (B, D) contiguous in the input dtype T.
 #include "mmd.h"
 
@@ -61,29 +62,31 @@ __global__ void __launch_bounds__(kThreads) mmd_fwd_kernel(
     int64_t D,                    // values per row
     double eps, bool rbf, double Dn,
     int a0, int a1,               // gradient rows [a0, a1) of the group's n rows (x rows < M <= y rows)
-    C* __restrict__ work,         // (G, P + n*n) scratch: squared distances, then W
+    C* __restrict__ work,         // (G, P + n + n*n) scratch: squared distances, self terms, then W
     C* __restrict__ mmd2,         // (G,) output
     T* __restrict__ gx,           // (B, D) contiguous, unused unless a0 < M
     T* __restrict__ gy,           // (B, D) contiguous, unused unless a1 > M
     bool w_in_smem) {             // W fits in dynamic shared memory
   extern __shared__ __align__(16) unsigned char smem_raw[];  // W when w_in_smem
-  __shared__ C red[kWarps * kPairs];
+  __shared__ C red[kWarps * (kPairs + 1)];
   const int64_t g = blockIdx.x;
   const int n = 2 * M;
   const int64_t P = int64_t(n) * (n - 1) / 2;
-  C* d2 = work + g * (P + int64_t(n) * n);  // (P,)
-  C* Wg = d2 + P;                           // (n, n)
+  C* d2 = work + g * (P + n + int64_t(n) * n);  // (P,)
+  C* self = d2 + P;                             // (n,)
+  C* Wg = self + n;                             // (n, n)
   auto row = [&](int i) -> const T* { return i < M ? x + (g * M + i) * sx : y + (g * M + i - M) * sy; };
 
-  // (1) squared distances, pairs (a, b..b+3) per pass.
+  // (1) squared distances, pairs (a, b..b+3) per pass; the first pass of row a also sums its self term
+  // (0, or NaN for an inf / NaN value; see mmd_pair.h). The last row has no pairs: one pass for its self term.
   for (int a = 0; a < n; ++a) {
     const T* ra = row(a);
-    for (int b0 = a + 1; b0 < n; b0 += kPairs) {
-      const int nb = min(kPairs, n - b0);
+    for (int b0 = a + 1; b0 < n || b0 == a + 1; b0 += kPairs) {
+      const int nb = max(0, min(kPairs, n - b0));
       const T* rb[kPairs];
 #pragma unroll
-      for (int j = 0; j < kPairs; ++j) rb[j] = row(j < nb ? b0 + j : b0);
-      C s[kPairs] = {};
+      for (int j = 0; j < kPairs; ++j) rb[j] = row(j < nb ? b0 + j : a);  // padding: row a, discarded
+      C s[kPairs + 1] = {};
       for (int64_t k = threadIdx.x; k < D; k += kThreads) {
         const C v = static_cast<C>(ra[k]);
 #pragma unroll
@@ -91,38 +94,31 @@ __global__ void __launch_bounds__(kThreads) mmd_fwd_kernel(
           const C d = v - static_cast<C>(rb[j][k]);
           s[j] += d * d;
         }
+        s[kPairs] += v - v;
       }
-      block_sum<kPairs>(s, red);
+      block_sum<kPairs + 1>(s, red);
       if (threadIdx.x == 0) {
         const int64_t p = int64_t(a) * n - int64_t(a) * (a + 1) / 2 + (b0 - a - 1);  // tri(a, b0)
         for (int j = 0; j < nb; ++j) d2[p + j] = s[j];
+        if (b0 == a + 1) self[a] = s[kPairs];
       }
     }
   }
   __syncthreads();
 
-  // (2) coefficients; thread t handles rows a = t, t + kThreads, ...
-  const double f = double(scale[g]) / Dn, invM2 = 1.0 / (double(M) * double(M)), eps2 = eps * eps;
+  // (2) coefficients (mmd_pair.h); thread t handles rows a = t, t + kThreads, ...
+  const double f = double(scale[g]) / Dn, invM2 = 1.0 / (double(M) * double(M));
   C tot[1] = {0};
   for (int a = threadIdx.x; a < n; a += kThreads) {
-    double part = (a == 0) ? double(n) * exp(-f * (rbf ? eps2 : eps)) : 0.0;  // the n clamped diagonal pairs
+    double part = mmd_pair(double(self[a]), f, eps, rbf, 0.0).k;  // the diagonal pair, distance 0
     Wg[int64_t(a) * n + a] = C(0);
     const int64_t pa = int64_t(a) * n - int64_t(a) * (a + 1) / 2 - a - 1;  // tri(a, b) = pa + b
     for (int b = a + 1; b < n; ++b) {
       const double c = ((a < M) == (b < M)) ? 1.0 : -1.0;  // +k for xx / yy pairs, -k for xy / yx
-      const double q = double(d2[pa + b]) < 0 ? 0.0 : double(d2[pa + b]);  // NaN propagates (no fmax)
-      double k, w;
-      if (rbf) {
-        k = exp(-f * (q < eps2 ? eps2 : q));
-        w = !(q < eps2) ? -4.0 * c * invM2 * f * k : 0.0;
-      } else {
-        const double d = sqrt(q);
-        k = exp(-f * (d < eps ? eps : d));
-        w = !(d < eps) ? -2.0 * c * invM2 * f * k / d : 0.0;
-      }
-      part += 2.0 * c * k;
-      Wg[int64_t(a) * n + b] = C(w);
-      Wg[int64_t(b) * n + a] = C(w);
+      const MmdPair pr = mmd_pair(double(d2[pa + b]) + double(self[a]) + double(self[b]), f, eps, rbf, c * invM2);
+      part += 2.0 * c * pr.k;
+      Wg[int64_t(a) * n + b] = C(pr.w);
+      Wg[int64_t(b) * n + a] = C(pr.w);
     }
     tot[0] += C(part * invM2);
   }
@@ -163,9 +159,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mmd_fwd_cuda(const at::Tensor& x,
   const auto st = x.scalar_type();
   const auto ct = st == at::kDouble ? at::kDouble : at::kFloat;
   auto mmd2 = at::empty({G}, x.options().dtype(ct));
-  auto gx = at::empty({need_gx ? B : 0, need_gx ? D : 0}, x.options());
-  auto gy = at::empty({need_gy ? B : 0, need_gy ? D : 0}, y.options());
-  auto work = at::empty({G, P + n * n}, x.options().dtype(ct));
+  auto gx = need_gx ? at::empty({B, D}, x.options()) : at::empty({0}, x.options());
+  auto gy = need_gy ? at::empty({B, D}, y.options()) : at::empty({0}, y.options());
+  auto work = at::empty({G, P + n + n * n}, x.options().dtype(ct));
   const auto sc = scale.to(ct).contiguous();
   const int a0 = need_gx ? 0 : int(M), a1 = need_gy ? int(n) : int(M);
   const size_t w_bytes = size_t(n * n) * (ct == at::kDouble ? sizeof(double) : sizeof(float));

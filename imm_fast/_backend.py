@@ -1,19 +1,197 @@
-"""Which backends exist and which one runs.
+"""The one backend registry: which implementations each op has, and which one runs.
 
-Order of precedence: the `backend=` argument > the IMM_FAST_BACKEND environment variable > auto.
-Auto picks, per op and device, the fastest implementation available (a table the kernel modules fill
-from measurements), falling back to the pure-torch reference ("torch").
+Each op (`mmd`, `adaln`, `attention`) registers an ordered list of `Impl`s, fastest first, the pure-torch
+reference ("torch") last. An Impl states what it supports (device types, dtypes, `limits` for shapes and
+options) and whether it is present at all (`ready`: triton importable, C++ extension built); `why_not(args)`
+collects every reason it cannot run on a call's `args` (an `OpArgs`: device type, dtype and the op's few
+shape/option facts, plain values so the choice can be cached and traced as a constant by torch.compile).
+
+One rule for every op:
+    the `backend=` argument  >  the IMM_FAST_BACKEND environment variable  >  auto
+- argument: runs that backend, or raises ValueError listing every registered backend's reasons for `args`.
+- IMM_FAST_BACKEND (torch / triton / cpp / cuda; unset or "" = auto) steers every op: an op that has that
+  backend and can run it here uses it; otherwise the op warns once (per op, backend and reasons) and picks
+  automatically. A name that is no backend at all raises ValueError.
+- auto: the first Impl in the op's list that can run and that auto may pick (`auto_skip` returns a reason to
+  pass over an Impl that could run: the Triton interpreter on CPU, a shape measured slower); "torch" always can.
+A new backend is one `register(op, Impl(...))` call naming its launcher. Launchers of every backend follow one
+convention for outputs that were not asked for: `absent(like)`, a (0,) tensor on like's device and dtype, and
+the fake (shape-only) implementations return the same.
+
+The `fused` switch of the DiT and the reference switch of training resolve in `resolve_fused` (see there for the
+precedence of `TrainConfig.reference`, `ModelConfig.fused`, `LossConfig.backend` and IMM_FAST_BACKEND).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
+import sys
 import warnings
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 BACKENDS = ("torch", "triton", "cpp", "cuda")
+ENV = "IMM_FAST_BACKEND"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused kernels take (fp32 accumulation)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a call needs, what an implementation supports
+
+@dataclasses.dataclass(frozen=True)
+class OpArgs:
+    """The facts of one call that backend choice depends on (hashable; no tensors)."""
+    device: str                    # device type: "cpu", "cuda", ...
+    dtype: torch.dtype             # compute dtype (promoted over the inputs)
+    extra: Tuple[Tuple[str, object], ...] = ()  # op-specific facts, e.g. (("Dh", 64),)
+
+    def get(self, key, default=None):
+        return dict(self.extra).get(key, default)
+
+
+def op_args(device, dtype, **extra) -> OpArgs:
+    return OpArgs(torch.device(device).type, dtype, tuple(sorted(extra.items())))
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """One implementation of an op. Reasons are short phrases: '<backend>: <reason>' is how they are shown."""
+    name: str                                                  # one of BACKENDS
+    devices: Optional[Tuple[str, ...]] = None                  # device types it runs on (None: any)
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None           # None: any floating dtype
+    ready: Optional[Callable[[str], Optional[str]]] = None     # device type -> why it is absent here, or None
+    limits: Optional[Callable[[OpArgs], List[str]]] = None     # shape / option limits -> reasons
+    auto_skip: Optional[Callable[[OpArgs], Optional[str]]] = None  # why auto passes it over though it could run
+    launcher: Optional[Callable[[str], Callable]] = None      # device type -> the op's launcher (imported lazily)
+
+    def why_not(self, args: OpArgs) -> List[str]:
+        """Every reason this implementation cannot run on args (empty: it can)."""
+        reasons = []
+        if self.devices is not None and args.device not in self.devices:
+            reasons.append(f"runs on {'/'.join(self.devices)} tensors, not {args.device}")
+        if self.dtypes is not None and args.dtype not in self.dtypes:
+            reasons.append(f"takes {'/'.join(_dt(d) for d in self.dtypes)}, not {_dt(args.dtype)}")
+        if not reasons and self.ready is not None:  # may build or import: only when it could otherwise run
+            r = self.ready(args.device)
+            if r:
+                reasons.append(r)
+        if self.limits is not None:
+            reasons.extend(self.limits(args))
+        return reasons
+
+
+def _dt(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+REFERENCE = Impl("torch")  # the pure-torch <op>_ref: any device, any dtype
+
+_REGISTRY: Dict[str, List[Impl]] = {}
+
+
+def register(op: str, impl: Impl) -> None:
+    """Append impl to op's list (auto tries them in registration order; the reference is kept last)."""
+    if impl.name not in BACKENDS:
+        raise ValueError(f"Impl name {impl.name!r} is not one of {BACKENDS}")
+    others = [i for i in _REGISTRY.get(op, []) if i.name != impl.name and i is not REFERENCE]
+    _REGISTRY[op] = others + [impl] + ([REFERENCE] if impl is not REFERENCE else [])
+
+
+def impls(op: str) -> List[Impl]:
+    if op not in _REGISTRY:
+        raise KeyError(f"no backends registered for op {op!r}; known: {sorted(_REGISTRY)}")
+    return list(_REGISTRY[op])
+
+
+def launcher(op: str, backend: str, device_type: str) -> Callable:
+    """The launcher backend registered for op (the op's custom op calls it with the op's contract)."""
+    impl = next((i for i in impls(op) if i.name == backend), None)
+    if impl is None or impl.launcher is None:
+        raise ValueError(f"{op} has no launcher for backend={backend!r}")
+    return impl.launcher(device_type)
+
+
+def reasons(op: str, args: OpArgs) -> Dict[str, List[str]]:
+    """{backend: its reasons not to run on args} for every backend of op (an empty list: it can run)."""
+    return {i.name: i.why_not(args) for i in impls(op)}
+
+
+def _format(op: str, args: OpArgs) -> str:
+    lines = []
+    for name, rs in reasons(op, args).items():
+        lines.append(f"  {name}: {'; '.join(rs) if rs else 'can run'}")
+    have = {i.name for i in impls(op)}
+    lines += [f"  {b}: not implemented for {op}" for b in BACKENDS if b not in have]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The rule: argument > IMM_FAST_BACKEND > auto
+
+def check_backend(backend, allowed=BACKENDS, arg="backend"):
+    if backend is not None and backend not in allowed:
+        raise ValueError(f"{arg}={backend!r} is not one of {tuple(allowed)} (or None for auto)")
+    return backend
+
+
+def env_backend() -> Optional[str]:
+    """IMM_FAST_BACKEND, checked (None when unset or empty)."""
+    env = os.environ.get(ENV) or None
+    if env is not None and env not in BACKENDS:
+        raise ValueError(f"{ENV}={env!r} is not one of {BACKENDS} (unset it, or set it empty, for auto)")
+    return env
+
+
+def auto(op: str, args: OpArgs) -> str:
+    """The first implementation of op that can run on args and that auto may pick."""
+    for impl in impls(op):
+        if not impl.why_not(args) and not (impl.auto_skip and impl.auto_skip(args)):
+            return impl.name
+    return "torch"
+
+
+def select(op: str, backend: Optional[str], device, dtype, **facts) -> str:
+    """The backend op runs on (device, dtype, facts): argument > IMM_FAST_BACKEND > auto (module docstring).
+    Plain arguments only, so that torch.compile can treat the choice as a constant of the traced graph."""
+    check_backend(backend)
+    return _select(op, backend, env_backend(), op_args(device, dtype, **facts))
+
+
+def _select(op, backend, env, args):
+    if backend is not None:
+        impl = next((i for i in impls(op) if i.name == backend), None)
+        if impl is None or impl.why_not(args):
+            raise ValueError(f"{op}: backend={backend!r} cannot run on {args.device} {_dt(args.dtype)} tensors "
+                             f"here. Every backend's reasons:\n{_format(op, args)}")
+        return backend
+    if env is not None:
+        impl = next((i for i in impls(op) if i.name == env), None)
+        why = ["not implemented for this op"] if impl is None else impl.why_not(args)
+        if not why:
+            return env
+        choice = auto(op, args)
+        warn_once(f"env-{op}-{env}-{args.device}-{args.dtype}", f"{ENV}={env!r} cannot run {op} on {args.device} "
+                  f"{_dt(args.dtype)} tensors ({'; '.join(why)}); {op} picks automatically: {choice!r}")
+        return choice
+    return auto(op, args)
+
+
+def constant_under_compile(fn):
+    """Mark fn as returning a constant for torch.compile (its result is baked into the graph, as
+    torch.compiler.assume_constant_result does) without importing torch._dynamo (~1 s) at `import imm_fast`."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True  # the mark assume_constant_result sets (checked by tests/test_backend.py)
+    return fn
+
+
+select = constant_under_compile(select)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared facts about the environment
 
 _HAS_TRITON = None
 
@@ -34,32 +212,66 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def triton_usable(device: torch.device) -> bool:
+def triton_usable(device) -> bool:
     """Triton can run a kernel on tensors of this device."""
+    return triton_ready(torch.device(device).type) is None
+
+
+def triton_ready(device_type: str) -> Optional[str]:
+    """Why Triton cannot run on this device type here, or None."""
     if not has_triton():
+        return "triton is not installed"
+    if device_type == "cuda" and triton_interpret():
+        return "TRITON_INTERPRET=1 runs Triton on CPU tensors only"
+    if device_type == "cpu" and not triton_interpret():
+        return "on CPU tensors Triton needs TRITON_INTERPRET=1 (the interpreter, for tests)"
+    return None
+
+
+def interpreter_not_auto(args: OpArgs) -> Optional[str]:
+    """auto_skip for Triton: the CPU interpreter is for tests, never picked automatically."""
+    return "the Triton CPU interpreter is used only when asked for" if args.device == "cpu" else None
+
+
+def absent(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """The one convention for an output that was not asked for: a (0,) tensor on like's device (like's dtype
+    unless given). Launchers of every backend and the fake implementations return it."""
+    return like.new_empty(0, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused / reference switch
+
+def resolve_fused(fused: Optional[bool], device, reference: bool = False) -> bool:
+    """Whether the DiT runs its blocks through imm_fast's fused ops (True) or the reference ops (False).
+
+    Precedence, first that applies:
+      1. reference=True (TrainConfig.reference): False; training then also sets the loss backend to "torch"
+         (`reference_loss_backend`), so the whole step is the plain PyTorch path.
+      2. fused=True / False (ModelConfig.fused, DiT(fused=...)): as given. The fused ops still choose their
+         backend by the one rule (argument > IMM_FAST_BACKEND > auto); on a device without kernels they run the
+         reference ops, in the fused block order.
+      3. fused=None and IMM_FAST_BACKEND=torch: False (the environment asks for the reference everywhere).
+      4. fused=None: True on CUDA when triton is installed, else False.
+    LossConfig.backend is the `backend=` argument of mmd_loss: None is auto under IMM_FAST_BACKEND.
+    """
+    if fused is not None and not isinstance(fused, bool):
+        raise TypeError(f"fused must be None, True or False, got {fused!r}")
+    if reference:
         return False
-    if device.type == "cuda":
-        return not triton_interpret()
-    return device.type == "cpu" and triton_interpret()
+    if fused is not None:
+        return fused
+    if env_backend() == "torch":
+        return False
+    return torch.device(device).type == "cuda" and has_triton()
 
 
-def check_backend(backend, allowed, arg="backend"):
-    if backend is not None and backend not in allowed:
-        raise ValueError(f"{arg}={backend!r} is not one of {tuple(allowed)} (or None for auto)")
-    return backend
+def reference_loss_backend(backend: Optional[str], reference: bool = False) -> Optional[str]:
+    """LossConfig.backend under TrainConfig.reference (rule 1 of resolve_fused): "torch" when reference."""
+    return "torch" if reference else check_backend(backend, arg="loss.backend")
 
 
-def requested(backend, allowed):
-    """The backend asked for by the argument or, failing that, by IMM_FAST_BACKEND (None = auto)."""
-    check_backend(backend, allowed)
-    if backend is None:
-        env = os.environ.get("IMM_FAST_BACKEND") or None
-        if env is not None and env not in BACKENDS:
-            raise ValueError(f"IMM_FAST_BACKEND={env!r} is not one of {BACKENDS}")
-        # One variable steers every op: an op without that backend (attention has no "cpp") picks automatically.
-        backend = env if env in allowed else None
-    return backend
-
+# ----------------------------------------------------------------------------------------------------------------
 
 _warned = set()
 

@@ -1,25 +1,41 @@
 """The C++/CUDA extension (csrc/): ops registered as torch.ops.imm_fast_C.* by TORCH_LIBRARY.
 
 Where it comes from, first that works: `imm_fast._C` (built by setup.py when torch was importable at build
-time), else a just-in-time build with ninja into the torch extensions cache (~/.cache/torch_extensions, or
-TORCH_EXTENSIONS_DIR; cpp_extension locks the build folder, and the cached library is reused while sources,
-flags and torch version are unchanged), else nothing: callers stay on the reference path after a one-time
-warning. IMM_FAST_BUILD_EXT=0 forbids the just-in-time build.
+time), else a just-in-time build with ninja, else nothing: auto stays on the reference path after a one-time
+warning, and an explicit backend="cpp"/"cuda" raises with the reason. IMM_FAST_BUILD_EXT=0 forbids the build.
+
+The just-in-time build never hangs and never mixes two builds:
+- its folder is <TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions>/imm_fast/<name>, where name carries a hash of
+  the csrc/ files, the flags, and the torch, CUDA, compiler and Python versions (not the checkout's path: two
+  checkouts with the same sources share one library; different sources never meet);
+- a build runs in a fresh `<name>.tmp-<pid>-*` folder renamed to <name> when complete, so a killed build leaves
+  no half-built library behind (its temporaries are removed by the next build);
+- one process builds at a time (a `<name>.lock` file naming its pid, host and start time); the others wait with
+  a one-line message; a lock whose process is gone, or older than IMM_FAST_BUILD_STALE_S (default 1800 s, the
+  longest sane build), is cleared with a warning; a waiter gives up after IMM_FAST_BUILD_WAIT_S (default 1800 s)
+  with BuildTimeoutError (auto then runs the reference path, after a one-time warning).
+- a one-line message goes to stderr while building.
 
 The CPU loops are built for the compiler's baseline ISA plus an AVX2+FMA copy chosen at run time (no
 -march=native, so a cached build is safe on another CPU); IMM_FAST_CPU_ISA=base forces the baseline copy.
 CUDA sources join the build only with a CUDA build of torch and a CUDA toolkit (CUDA_HOME).
 
 Contract (shapes: B = G*M rows, D values per row; see csrc/mmd.h):
-    mmd_ext(device_type) -> module-like with .mmd_fwd, or None
+    mmd_ext(device_type) -> module-like with .mmd_fwd, or None;  unavailable(device_type) -> reason or None
     mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy) -> (mmd2, gx, gy)
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
-import re
+import shutil
+import socket
+import subprocess
+import sys
 import threading
+import time
 import types
 
 import torch
@@ -30,6 +46,24 @@ _NS = "imm_fast_C"
 _MMD_OP = f"{_NS}::mmd_fwd"
 _lock = threading.Lock()
 _loaded = None  # None: not tried yet; True / False: the ops are / are not registered
+_error = None   # why the ops are not registered
+
+
+class BuildTimeoutError(RuntimeError):
+    """Waited IMM_FAST_BUILD_WAIT_S for another process's build of the extension."""
+
+
+def _seconds(var: str, default: float) -> float:
+    raw = os.environ.get(var)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = float(raw)
+    except ValueError:
+        raise ValueError(f"{var}={raw!r} must be a number of seconds") from None
+    if not v > 0:
+        raise ValueError(f"{var}={raw!r} must be > 0 seconds")
+    return v
 
 
 def _csrc_dir() -> str:
@@ -45,28 +79,200 @@ def _cuda_build_possible() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def _jit_build(with_cuda: bool) -> None:
-    """Compile csrc/ with ninja (cached) and load it with torch.ops.load_library."""
-    from torch.utils import cpp_extension
+def _tool_version(cmd) -> str:
+    """First line of `cmd --version` (the compiler's identity in the build key), or '' when it does not run."""
+    try:
+        out = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=30)
+        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
+
+def _spec(with_cuda: bool) -> dict:
+    """Sources and flags of the extension build."""
     src = _csrc_dir()
     cpp = sorted(glob.glob(os.path.join(src, "*.cpp")))
     if not cpp:
         raise FileNotFoundError(f"no C++ sources in {src} (not an editable/source install)")
-    sources = cpp + (sorted(glob.glob(os.path.join(src, "*.cu"))) if with_cuda else [])
-    # torch's version in the name: a cached library built against other torch headers is never reused.
-    tag = re.sub(r"\W", "_", torch.__version__)
-    cpp_extension.load(
-        name=f"imm_fast_C_{'cuda' if with_cuda else 'cpu'}_{tag}",
-        sources=sources,
-        extra_cflags=["-O3", "-fopenmp"] + (["-DIMM_FAST_WITH_CUDA"] if with_cuda else []),
+    cuda_flag = ["-DIMM_FAST_WITH_CUDA"] if with_cuda else []
+    return dict(
+        sources=cpp + (sorted(glob.glob(os.path.join(src, "*.cu"))) if with_cuda else []),
+        extra_cflags=["-O3", "-fopenmp"] + cuda_flag,
         extra_cuda_cflags=["-O3", "-DIMM_FAST_WITH_CUDA"],
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[src],
         with_cuda=with_cuda,
-        is_python_module=False,
-        verbose=os.environ.get("IMM_FAST_VERBOSE_BUILD", "0") == "1",
     )
+
+
+def _build_key(spec: dict) -> str:
+    """Hash of everything the library depends on: every file of the sources' folders, flags, tool versions."""
+    h = hashlib.sha256()
+    folders = sorted({os.path.dirname(p) for p in spec["sources"]} | set(spec["extra_include_paths"]))
+    for folder in folders:
+        for path in sorted(glob.glob(os.path.join(folder, "*"))):
+            if os.path.isfile(path) and path.endswith((".cpp", ".cu", ".h", ".c", ".cuh")):
+                h.update(os.path.basename(path).encode() + b"\0")
+                with open(path, "rb") as f:
+                    h.update(f.read() + b"\0")
+    flags = {k: v for k, v in spec.items() if k not in ("sources", "extra_include_paths")}
+    h.update(json.dumps(flags, sort_keys=True).encode())
+    h.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version}|{sys.platform}".encode())
+    h.update(_tool_version([os.environ.get("CXX", "c++")]).encode())
+    if spec.get("with_cuda"):
+        from torch.utils import cpp_extension
+
+        h.update(_tool_version([os.path.join(cpp_extension.CUDA_HOME or "", "bin", "nvcc")]).encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_root() -> str:
+    base = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                  "torch_extensions")
+    return os.path.join(base, "imm_fast")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _read_owner(lock_path: str):
+    """The lock's owner record, or None when the file is gone; {} when it is unreadable (being written)."""
+    try:
+        with open(lock_path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+
+
+def _stale_reason(lock_path: str, owner: dict, stale_s: float):
+    """Why the lock is stale (its process is gone, or it is older than stale_s), or None."""
+    try:
+        age = time.time() - os.path.getmtime(lock_path)
+    except FileNotFoundError:
+        return None
+    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
+            and not _pid_alive(owner["pid"]):
+        return f"its process {owner['pid']} is gone"
+    if age > stale_s:
+        return f"it is {age:.0f} s old (IMM_FAST_BUILD_STALE_S={stale_s:.0f})"
+    return None
+
+
+def _try_lock(lock_path: str) -> bool:
+    try:
+        fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+    return True
+
+
+def _remove_dead_temporaries(root: str, name: str) -> None:
+    """`<name>.tmp-<pid>-*` folders of builds whose process is gone (killed mid-way)."""
+    for path in glob.glob(os.path.join(root, f"{name}.tmp-*")):
+        try:
+            pid = int(os.path.basename(path)[len(name) + 5:].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def build_library(name: str, spec: dict, root: str = None):
+    """Build spec's sources (cpp_extension.load keywords) into <root>/<name>/<name>.so once (see the module
+    docstring); returns (its path, whether this call loaded it already: a build loads what it built).
+    Safe against concurrent and killed builds; never waits longer than IMM_FAST_BUILD_WAIT_S."""
+    from torch.utils import cpp_extension
+
+    root = root or _cache_root()
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, name)
+    lib = os.path.join(final, f"{name}.so")
+    lock_path = final + ".lock"
+    wait_s = _seconds("IMM_FAST_BUILD_WAIT_S", 1800.0)
+    stale_s = _seconds("IMM_FAST_BUILD_STALE_S", 1800.0)
+    t0, told, loaded = time.monotonic(), False, False
+    while not os.path.exists(lib):
+        if _try_lock(lock_path):
+            try:
+                if os.path.exists(lib):  # finished by another process meanwhile
+                    break
+                _remove_dead_temporaries(root, name)
+                tmp = f"{final}.tmp-{os.getpid()}-{time.time_ns()}"
+                sys.stderr.write(f"imm_fast: building the C++ kernels once (about a minute; cached in {final})\n")
+                sys.stderr.flush()
+                os.makedirs(tmp)
+                pause = float(os.environ.get("IMM_FAST_BUILD_TEST_PAUSE_S", "0") or 0)  # tests: die mid-build
+                if pause > 0:
+                    time.sleep(pause)
+                # Builds in tmp and loads the library from there (torch.ops.load_library): the rename keeps it.
+                try:
+                    cpp_extension.load(name=name, build_directory=tmp, is_python_module=False,
+                                       verbose=os.environ.get("IMM_FAST_VERBOSE_BUILD", "0") == "1", **spec)
+                except BaseException:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                loaded = True
+                if os.path.isdir(final) and not os.path.exists(lib):  # a folder without the library: replace it
+                    shutil.rmtree(final, ignore_errors=True)
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # published meanwhile by a build that outlived its stale lock: keep that one
+                    if not os.path.exists(lib):
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                owner = _read_owner(lock_path) or {}
+                if (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):  # ours only
+                    try:
+                        os.remove(lock_path)
+                    except FileNotFoundError:
+                        pass
+            break
+        owner = _read_owner(lock_path)
+        if owner is None:
+            continue  # released between our attempts: try again at once
+        why = _stale_reason(lock_path, owner, stale_s)
+        if why:
+            _backend.warn_once(f"ext-stale-{lock_path}-{owner.get('pid')}",
+                               f"imm_fast: clearing a stale build lock {lock_path} ({why}; owner {owner})")
+            try:
+                os.remove(lock_path)
+            except FileNotFoundError:
+                pass
+            continue
+        waited = time.monotonic() - t0
+        if waited > wait_s:
+            raise BuildTimeoutError(
+                f"waited {waited:.0f} s (IMM_FAST_BUILD_WAIT_S={wait_s:.0f}) for process {owner.get('pid')} on "
+                f"{owner.get('host')} to build the imm_fast C++ kernels ({lock_path}); if that process is hung, "
+                "stop it or remove the lock file")
+        if not told:
+            told = True
+            sys.stderr.write(f"imm_fast: waiting for process {owner.get('pid')} on {owner.get('host')} to build "
+                             f"the C++ kernels ({lock_path}; at most {wait_s:.0f} s)\n")
+            sys.stderr.flush()
+        time.sleep(0.2)
+    return lib, loaded
+
+
+def _jit_build(with_cuda: bool) -> None:
+    """Build (once, cached by the build key) and load csrc/ with torch.ops.load_library."""
+    spec = _spec(with_cuda)
+    name = f"imm_fast_C_{'cuda' if with_cuda else 'cpu'}_{_build_key(spec)}"
+    lib, loaded = build_library(name, spec)
+    if not loaded:
+        torch.ops.load_library(lib)
 
 
 def _has_kernel(key: str) -> bool:
@@ -77,21 +283,22 @@ def _has_kernel(key: str) -> bool:
 
 
 def _register_fake() -> None:
-    """Shapes-only implementation so torch.compile / FakeTensor can trace through the op."""
+    """Shapes-only implementation so torch.compile / FakeTensor can trace through the op; gradients not asked
+    for are (0,) tensors, as the C++ and CUDA code return them (_backend.absent)."""
     try:
         @torch.library.register_fake(_MMD_OP)
         def _(x, y, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy):
             G = x.shape[0] // group_size
             mmd2 = x.new_empty((G,), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-            gx = x.new_empty(tuple(x.shape) if need_gx else (0, 0))
-            gy = y.new_empty(tuple(y.shape) if need_gy else (0, 0))
+            gx = x.new_empty(tuple(x.shape)) if need_gx else _backend.absent(x)
+            gy = y.new_empty(tuple(y.shape)) if need_gy else _backend.absent(y)
             return mmd2, gx, gy
     except RuntimeError:  # already registered (e.g. a second loader in the same process)
         pass
 
 
 def _load() -> bool:
-    global _loaded
+    global _loaded, _error
     with _lock:
         if _loaded is not None:
             return _loaded
@@ -109,7 +316,7 @@ def _load() -> bool:
                         _jit_build(with_cuda)
                         err = None
                         break
-                    except Exception as e2:  # no compiler, no ninja, build error, unwritable cache...
+                    except Exception as e2:  # no compiler, no ninja, build error, unwritable cache, timeout...
                         err = e2
                         if with_cuda:
                             _backend.warn_once("ext-cuda-build", f"imm_fast: building the CUDA kernels failed "
@@ -118,25 +325,32 @@ def _load() -> bool:
         if _loaded:
             _register_fake()
         else:
+            _error = f"{type(err).__name__}: {err}" if err else "the op is not registered"
             _backend.warn_once(
                 "ext-build",
-                f"imm_fast: C++ extension unavailable ({type(err).__name__ if err else 'op missing'}: {err}); "
-                "using the reference PyTorch path (a C++ compiler and ninja enable it; IMM_FAST_BUILD_EXT=0 "
-                "skips the build attempt).")
+                f"imm_fast: C++ extension unavailable ({_error}); using the reference PyTorch path (a C++ "
+                "compiler and ninja enable it; IMM_FAST_BUILD_EXT=0 skips the build attempt).")
         return _loaded
+
+
+def unavailable(device_type: str):
+    """Why the extension cannot run on tensors of device_type here (may build it once), or None."""
+    if device_type not in ("cpu", "cuda"):
+        return f"the C++ extension has no {device_type} kernels"
+    if not _load():
+        return f"the C++ extension is not available ({_error})"
+    key = "CPU" if device_type == "cpu" else "CUDA"
+    if not _has_kernel(key):
+        return (f"the C++ extension has no {key} kernel (it needs a CUDA build of torch and a CUDA toolkit when "
+                f"it is built; torch.version.cuda={torch.version.cuda})")
+    return None
 
 
 def mmd_ext(device_type: str):
     """The MMD op for tensors of `device_type` ("cpu" or "cuda"), or None when it is unavailable."""
-    if device_type not in ("cpu", "cuda"):
-        return None
-    if not _load():
-        return None
-    key = "CPU" if device_type == "cpu" else "CUDA"
-    if not _has_kernel(key):
-        _backend.warn_once(
-            f"ext-{device_type}",
-            f"imm_fast: the C++ extension has no {key} kernel (needs a CUDA build of torch and a CUDA toolkit "
-            f"when it is built; torch.version.cuda={torch.version.cuda}); using another backend.")
+    why = unavailable(device_type)
+    if why is not None:
+        if device_type in ("cpu", "cuda") and _loaded:
+            _backend.warn_once(f"ext-{device_type}", f"imm_fast: {why}; using another backend.")
         return None
     return types.SimpleNamespace(mmd_fwd=getattr(torch.ops, _NS).mmd_fwd)

@@ -152,7 +152,7 @@ def _blocks(T, C, backward=False):
     return ROWS, BLOCK_T, BLOCK_C, num_warps
 
 
-def _row_strides(v, name):
+def _row_strides(v):
     """(B, C) modulation vector with unit column stride (copy only if needed: chunk views already qualify)."""
     if v.stride(1) != 1:
         v = v.contiguous()
@@ -166,17 +166,18 @@ def _bt_strides(v):
 
 
 def adaln_fwd(x, gate, y, shift, scale, eps, has_res, has_norm, xnew_dtype=None, out_dtype=None):
-    """Launcher: returns (x_new or None, out or None, mean or None, rstd or None)."""
+    """Launcher: returns (x_new, out, mean, rstd); outputs that do not apply are (0,) tensors like x
+    (imm_fast._backend.absent)."""
     B, T, C = x.shape
     x, sxb, sxt = _bt_strides(x)
     dummy = x
     syb = syt = sgb = ssb = scb = 0
     if has_res:
         y, syb, syt = _bt_strides(y)
-        gate, sgb = _row_strides(gate, "gate")
+        gate, sgb = _row_strides(gate)
     if has_norm:
-        shift, ssb = _row_strides(shift, "shift")
-        scale, scb = _row_strides(scale, "scale")
+        shift, ssb = _row_strides(shift)
+        scale, scb = _row_strides(scale)
     xnew = torch.empty((B, T, C), dtype=xnew_dtype or x.dtype, device=x.device) if has_res else None
     out = torch.empty((B, T, C), dtype=out_dtype or x.dtype, device=x.device) if has_norm else None
     mean = torch.empty((B, T), dtype=torch.float32, device=x.device) if has_norm else None
@@ -189,12 +190,12 @@ def adaln_fwd(x, gate, y, shift, scale, eps, has_res, has_norm, xnew_dtype=None,
         mean if has_norm else dummy, rstd if has_norm else dummy,
         sxb, sxt, syb, syt, sgb, ssb, scb, T, C, eps,
         HAS_RES=has_res, HAS_NORM=has_norm, ROWS=ROWS, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps)
-    return xnew, out, mean, rstd
+    return tuple(v if v is not None else x.new_empty(0) for v in (xnew, out, mean, rstd))
 
 
 def adaln_bwd(dout, dxnew, xn, y, gate, scale, mean, rstd, has_res, has_norm, x_dtype):
     """Launcher: returns (dx, dgate, dy, dshift, dscale); per-sample sums in fp32; entries that do not apply
-    are None."""
+    are (0,) tensors like dx (imm_fast._backend.absent)."""
     ref = xn if xn is not None else y
     B, T, C = ref.shape
     dev = ref.device
@@ -202,9 +203,9 @@ def adaln_bwd(dout, dxnew, xn, y, gate, scale, mean, rstd, has_res, has_norm, x_
     syb = syt = sgb = scb = 0
     if has_res:
         y, syb, syt = _bt_strides(y)
-        gate, sgb = _row_strides(gate, "gate")
+        gate, sgb = _row_strides(gate)
     if has_norm:
-        scale, scb = _row_strides(scale, "scale")
+        scale, scb = _row_strides(scale)
         dout = dout.contiguous()
         xn = xn.contiguous()
     if dxnew is not None:
@@ -226,6 +227,6 @@ def adaln_bwd(dout, dxnew, xn, y, gate, scale, mean, rstd, has_res, has_norm, x_
         HAS_RES=has_res, HAS_NORM=has_norm, HAS_DXNEW=dxnew is not None, ROWS=ROWS, BLOCK_T=BLOCK_T,
         BLOCK_C=BLOCK_C, num_warps=num_warps)
     def red(p):  # the per-program partials, summed in a fixed order
-        return None if p is None else p.sum(dim=1)
+        return dx.new_empty(0) if p is None else p.sum(dim=1)
 
-    return dx, red(pgate), dy, red(pshift), red(pscale)
+    return dx, red(pgate), dy if dy is not None else dx.new_empty(0), red(pshift), red(pscale)

@@ -25,7 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+from .._backend import KERNEL_DTYPES  # the dtypes the registry declares for these kernels
+
+LOG2E = 1.4426950408889634  # log2(e): scores go to the log2 domain (exp2), launchers fold it into qk_scale
+_LOG2E = tl.constexpr(LOG2E)  # the same, usable inside kernels
+_LN2 = tl.constexpr(1.0 / LOG2E)  # ln(2): log2-domain logsumexp back to natural log
 
 
 @triton.jit
@@ -47,6 +51,42 @@ def _load_tile(ptr, rows, row_stride, mask_rows, cols, Dh):
 def _store_tile(ptr, rows, row_stride, mask_rows, cols, Dh, x):
     tl.store(ptr + rows[:, None] * row_stride + cols[None, :], x.to(ptr.dtype.element_ty),
              mask=mask_rows[:, None] & (cols < Dh)[None, :])
+
+
+@triton.jit
+def _program(T, H, BLOCK: tl.constexpr):
+    """Decode the flat grid: (pid, pid_bh, b, h, block). Blocks of one (b, h) are adjacent, so they share its K/V
+    in L2; one grid axis has no 65535 limit on B*H."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(T, BLOCK)
+    pid_bh = pid // n_blocks
+    return pid, pid_bh, pid_bh // H, pid_bh % H, pid % n_blocks
+
+
+@triton.jit
+def _head_ptrs(QKV, b, h, stride_xb, C, Dh: tl.constexpr):
+    """Pointers to q, k and v of head h in batch b at token 0 (packed (3, H, Dh) per token)."""
+    q = QKV + b.to(tl.int64) * stride_xb + h * Dh
+    return q, q + C, q + 2 * C
+
+
+@triton.jit
+def _load_parts(ptr, rows, row_stride, mask_rows, cols0, cols1, Dh, SPLIT: tl.constexpr):
+    """A (R, Dh) tile as its column parts [0, D0) and [D0, D0 + D1); the second is the first unless SPLIT."""
+    x0 = _load_tile(ptr, rows, row_stride, mask_rows, cols0, Dh)
+    x1 = x0
+    if SPLIT:
+        x1 = _load_tile(ptr, rows, row_stride, mask_rows, cols1, Dh)
+    return x0, x1
+
+
+@triton.jit
+def _dot_parts(a0, b0, a1, b1, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, SPLIT: tl.constexpr):
+    """a @ b over a head dim held in one or two column parts (the parts' products add up)."""
+    s = _dot(a0, b0, DOT_PRECISION, UPCAST_DOT)
+    if SPLIT:
+        s += _dot(a1, b1, DOT_PRECISION, UPCAST_DOT)
+    return s
 
 
 @triton.jit
@@ -80,6 +120,38 @@ def _ln_fwd(x0, x1, W, Bias, cols0, cols1, Dh, eps, SPLIT: tl.constexpr):
         h1 = h0
         y1 = y0
     return y0, h0, y1, h1, rstd
+
+
+@triton.jit
+def _load_own_block(ptr, rows, row_stride, mask_rows, cols0, cols1, W, Bias, Dh, eps,
+                    HAS_QK_NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """A backward program's own q or k block, normalized when HAS_QK_NORM: (x0, x1, xhat0, xhat1, rstd), x in the
+    input dtype (the dot operand); xhat, rstd are the LayerNorm's saved values (placeholders without qk-norm)."""
+    x0, x1 = _load_parts(ptr, rows, row_stride, mask_rows, cols0, cols1, Dh, SPLIT)
+    h0 = x0.to(tl.float32)
+    h1 = x1.to(tl.float32)
+    rstd = tl.sum(h0, 1)  # placeholder of the right shape; replaced when HAS_QK_NORM
+    if HAS_QK_NORM:
+        y0, h0, y1, h1, rstd = _ln_fwd(h0, h1, W, Bias, cols0, cols1, Dh, eps, SPLIT)
+        x0 = y0.to(x0.dtype)
+        x1 = y1.to(x1.dtype)
+    return x0, x1, h0, h1, rstd
+
+
+@triton.jit
+def _grad_epilogue(d0, d1, h0, h1, rstd, W, DW, DB, pid, sm_scale, mask_rows, cols0, cols1, Dh,
+                   HAS_QK_NORM: tl.constexpr, SPLIT: tl.constexpr):
+    """The accumulated dK or dQ block: the softmax scale, then with qk-norm the per-program weight/bias partials
+    and the LayerNorm backward. Returns the column parts (d0, d1) to store (d1 = d0 unless SPLIT)."""
+    d0 = d0 * sm_scale
+    if SPLIT:
+        d1 = d1 * sm_scale
+    else:
+        d1 = d0
+    if HAS_QK_NORM:
+        _store_norm_partials(DW, DB, pid.to(tl.int64) * Dh, d0, h0, d1, h1, mask_rows, cols0, cols1, Dh, SPLIT)
+        d0, d1 = _ln_bwd(d0, h0, d1, h1, rstd, W, cols0, cols1, Dh, SPLIT)
+    return d0, d1
 
 
 @triton.jit
@@ -137,27 +209,16 @@ def _attention_fwd_kernel(
     SPLIT: tl.constexpr,  # head dim in two parts [0, D0) + [D0, D0 + D1) (72 = 64 + 16) instead of one padded
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
 ):
-    # One flat grid axis (blocks of a head adjacent: they share its K/V in L2; no 65535 limit on B*H)
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(T, BLOCK_M)
-    pid_bh = pid // n_blocks
-    pid_m = pid % n_blocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid, pid_bh, b, h, pid_m = _program(T, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols0 = tl.arange(0, BLOCK_D0)
     cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     mask_m = offs_m < T
-    qb_ = QKV + b.to(tl.int64) * stride_xb + h * Dh  # q of head h in batch b, token 0
-    kb_ = qb_ + C
-    vb_ = qb_ + 2 * C
+    qb_, kb_, vb_ = _head_ptrs(QKV, b, h, stride_xb, C, Dh)
     dt = QKV.dtype.element_ty
 
-    q0 = _load_tile(qb_, offs_m, stride_xt, mask_m, cols0, Dh)
-    q1 = q0
-    if SPLIT:
-        q1 = _load_tile(qb_, offs_m, stride_xt, mask_m, cols1, Dh)
+    q0, q1 = _load_parts(qb_, offs_m, stride_xt, mask_m, cols0, cols1, Dh, SPLIT)
     if HAS_QK_NORM:
         q0, q1 = _ln_apply(q0, q1, QW, QB, cols0, cols1, Dh, eps, SPLIT)
 
@@ -169,17 +230,11 @@ def _attention_fwd_kernel(
     for start_n in range(0, T, BLOCK_N):
         n = start_n + offs_n
         mask_n = n < T
-        k0 = _load_tile(kb_, n, stride_xt, mask_n, cols0, Dh)
-        v0 = _load_tile(vb_, n, stride_xt, mask_n, cols0, Dh)
-        k1 = k0
-        if SPLIT:
-            k1 = _load_tile(kb_, n, stride_xt, mask_n, cols1, Dh)
-            v1 = _load_tile(vb_, n, stride_xt, mask_n, cols1, Dh)
+        k0, k1 = _load_parts(kb_, n, stride_xt, mask_n, cols0, cols1, Dh, SPLIT)
+        v0, v1 = _load_parts(vb_, n, stride_xt, mask_n, cols0, cols1, Dh, SPLIT)
         if HAS_QK_NORM:
             k0, k1 = _ln_apply(k0, k1, KW, KB, cols0, cols1, Dh, eps, SPLIT)
-        s = _dot(q0, tl.trans(k0), DOT_PRECISION, UPCAST_DOT)  # (BLOCK_M, BLOCK_N)
-        if SPLIT:
-            s += _dot(q1, tl.trans(k1), DOT_PRECISION, UPCAST_DOT)
+        s = _dot_parts(q0, tl.trans(k0), q1, tl.trans(k1), DOT_PRECISION, UPCAST_DOT, SPLIT)  # (BLOCK_M, BLOCK_N)
         s = tl.where(mask_n[None, :], s * qk_scale, float("-inf"))  # log2 units; each key block has a real key
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -195,7 +250,7 @@ def _attention_fwd_kernel(
     _store_tile(ob_, offs_m, C, mask_m, cols0, Dh, acc0 / l_i[:, None])
     if SPLIT:
         _store_tile(ob_, offs_m, C, mask_m, cols1, Dh, acc1 / l_i[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
+    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=mask_m)
 
 
 @triton.jit
@@ -208,13 +263,7 @@ def _attention_bwd_preprocess_kernel(
     Dh: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    # One flat grid axis (blocks of a head adjacent: they share its K/V in L2; no 65535 limit on B*H)
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(T, BLOCK_M)
-    pid_bh = pid // n_blocks
-    pid_m = pid % n_blocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid, pid_bh, b, h, pid_m = _program(T, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_D)
     mask_m = offs_m < T
@@ -247,61 +296,39 @@ def _attention_bwd_dkdv_kernel(
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
 ):
-    # One flat grid axis (blocks of a head adjacent: they share its K/V in L2; no 65535 limit on B*H)
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(T, BLOCK_N)
-    pid_bh = pid // n_blocks
-    pid_n = pid % n_blocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid, pid_bh, b, h, pid_n = _program(T, H, BLOCK_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     cols0 = tl.arange(0, BLOCK_D0)
     cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     mask_n = offs_n < T
-    qb_ = QKV + b.to(tl.int64) * stride_xb + h * Dh
-    kb_ = qb_ + C
-    vb_ = qb_ + 2 * C
+    qb_, kb_, vb_ = _head_ptrs(QKV, b, h, stride_xb, C, Dh)
     dob_ = DO + b.to(tl.int64) * stride_dob + h * Dh
     row_ = pid_bh.to(tl.int64) * T  # this (b, h)'s row of LSE and Delta
     dt = QKV.dtype.element_ty
 
-    k0 = _load_tile(kb_, offs_n, stride_xt, mask_n, cols0, Dh)
-    v0 = _load_tile(vb_, offs_n, stride_xt, mask_n, cols0, Dh)
-    k1 = k0
-    if SPLIT:
-        k1 = _load_tile(kb_, offs_n, stride_xt, mask_n, cols1, Dh)
-        v1 = _load_tile(vb_, offs_n, stride_xt, mask_n, cols1, Dh)
-    if HAS_QK_NORM:
-        ky0, kh0, ky1, kh1, krstd = _ln_fwd(k0.to(tl.float32), k1.to(tl.float32), KW, KB, cols0, cols1, Dh, eps,
-                                            SPLIT)
-        k0 = ky0.to(dt)
-        k1 = ky1.to(dt)
+    k0, k1, kh0, kh1, krstd = _load_own_block(kb_, offs_n, stride_xt, mask_n, cols0, cols1, KW, KB, Dh, eps,
+                                              HAS_QK_NORM, SPLIT)
+    v0, v1 = _load_parts(vb_, offs_n, stride_xt, mask_n, cols0, cols1, Dh, SPLIT)
 
     dk0 = tl.zeros((BLOCK_N, BLOCK_D0), tl.float32)
     dv0 = tl.zeros((BLOCK_N, BLOCK_D0), tl.float32)
+    dk1 = dk0  # the second column part only when SPLIT
     if SPLIT:
         dk1 = tl.zeros((BLOCK_N, BLOCK_D1), tl.float32)
         dv1 = tl.zeros((BLOCK_N, BLOCK_D1), tl.float32)
     for start_m in range(0, T, BLOCK_M):
         m = start_m + offs_m
         mask_m = m < T
-        q0 = _load_tile(qb_, m, stride_xt, mask_m, cols0, Dh)
-        do0 = _load_tile(dob_, m, stride_dot, mask_m, cols0, Dh)
-        q1 = q0
-        if SPLIT:
-            q1 = _load_tile(qb_, m, stride_xt, mask_m, cols1, Dh)
-            do1 = _load_tile(dob_, m, stride_dot, mask_m, cols1, Dh)
+        q0, q1 = _load_parts(qb_, m, stride_xt, mask_m, cols0, cols1, Dh, SPLIT)
+        do0, do1 = _load_parts(dob_, m, stride_dot, mask_m, cols0, cols1, Dh, SPLIT)
         if HAS_QK_NORM:
             q0, q1 = _ln_apply(q0, q1, QW, QB, cols0, cols1, Dh, eps, SPLIT)
-        lse2 = tl.load(LSE + row_ + m, mask=mask_m, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE + row_ + m, mask=mask_m, other=0.0) * _LOG2E
         delta = tl.load(Delta + row_ + m, mask=mask_m, other=0.0)
         # Transposed scores (keys x queries), so dK and dV accumulate with plain (N, M) @ (M, D) products.
-        sT = _dot(k0, tl.trans(q0), DOT_PRECISION, UPCAST_DOT)
-        dpT = _dot(v0, tl.trans(do0), DOT_PRECISION, UPCAST_DOT)
-        if SPLIT:
-            sT += _dot(k1, tl.trans(q1), DOT_PRECISION, UPCAST_DOT)
-            dpT += _dot(v1, tl.trans(do1), DOT_PRECISION, UPCAST_DOT)
+        sT = _dot_parts(k0, tl.trans(q0), k1, tl.trans(q1), DOT_PRECISION, UPCAST_DOT, SPLIT)
+        dpT = _dot_parts(v0, tl.trans(do0), v1, tl.trans(do1), DOT_PRECISION, UPCAST_DOT, SPLIT)
         pT = tl.where(mask_m[None, :], tl.exp2(sT * qk_scale - lse2[None, :]), 0.0)  # padded queries: nothing
         dsT = (pT * (dpT - delta[None, :])).to(dt)
         pT = pT.to(dt)
@@ -310,16 +337,8 @@ def _attention_bwd_dkdv_kernel(
         if SPLIT:
             dv1 += _dot(pT, do1, DOT_PRECISION, UPCAST_DOT)
             dk1 += _dot(dsT, q1, DOT_PRECISION, UPCAST_DOT)
-    dk0 = dk0 * sm_scale
-    if SPLIT:
-        dk1 = dk1 * sm_scale
-    else:
-        dk1 = dk0
-
-    if HAS_QK_NORM:
-        part = pid.to(tl.int64) * Dh
-        _store_norm_partials(DKW, DKB, part, dk0, kh0, dk1, kh1, mask_n, cols0, cols1, Dh, SPLIT)
-        dk0, dk1 = _ln_bwd(dk0, kh0, dk1, kh1, krstd, KW, cols0, cols1, Dh, SPLIT)
+    dk0, dk1 = _grad_epilogue(dk0, dk1, kh0, kh1, krstd, KW, DKW, DKB, pid, sm_scale, mask_n, cols0, cols1, Dh,
+                              HAS_QK_NORM, SPLIT)
 
     db_ = DQKV + b.to(tl.int64) * T * 3 * C + h * Dh
     _store_tile(db_ + C, offs_n, 3 * C, mask_n, cols0, Dh, dk0)
@@ -352,73 +371,43 @@ def _attention_bwd_dq_kernel(
     SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr,
 ):
-    # One flat grid axis (blocks of a head adjacent: they share its K/V in L2; no 65535 limit on B*H)
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(T, BLOCK_M)
-    pid_bh = pid // n_blocks
-    pid_m = pid % n_blocks
-    b = pid_bh // H
-    h = pid_bh % H
+    pid, pid_bh, b, h, pid_m = _program(T, H, BLOCK_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     cols0 = tl.arange(0, BLOCK_D0)
     cols1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
     mask_m = offs_m < T
-    qb_ = QKV + b.to(tl.int64) * stride_xb + h * Dh
-    kb_ = qb_ + C
-    vb_ = qb_ + 2 * C
+    qb_, kb_, vb_ = _head_ptrs(QKV, b, h, stride_xb, C, Dh)
     dob_ = DO + b.to(tl.int64) * stride_dob + h * Dh
-    row_ = pid_bh.to(tl.int64) * T
+    row_ = pid_bh.to(tl.int64) * T  # this (b, h)'s row of LSE and Delta
     dt = QKV.dtype.element_ty
 
-    q0 = _load_tile(qb_, offs_m, stride_xt, mask_m, cols0, Dh)
-    do0 = _load_tile(dob_, offs_m, stride_dot, mask_m, cols0, Dh)
-    q1 = q0
-    if SPLIT:
-        q1 = _load_tile(qb_, offs_m, stride_xt, mask_m, cols1, Dh)
-        do1 = _load_tile(dob_, offs_m, stride_dot, mask_m, cols1, Dh)
-    if HAS_QK_NORM:
-        qy0, qh0, qy1, qh1, qrstd = _ln_fwd(q0.to(tl.float32), q1.to(tl.float32), QW, QB, cols0, cols1, Dh, eps,
-                                            SPLIT)
-        q0 = qy0.to(dt)
-        q1 = qy1.to(dt)
-    lse2 = tl.load(LSE + row_ + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    q0, q1, qh0, qh1, qrstd = _load_own_block(qb_, offs_m, stride_xt, mask_m, cols0, cols1, QW, QB, Dh, eps,
+                                              HAS_QK_NORM, SPLIT)
+    do0, do1 = _load_parts(dob_, offs_m, stride_dot, mask_m, cols0, cols1, Dh, SPLIT)
+    lse2 = tl.load(LSE + row_ + offs_m, mask=mask_m, other=0.0) * _LOG2E
     delta = tl.load(Delta + row_ + offs_m, mask=mask_m, other=0.0)
 
     dq0 = tl.zeros((BLOCK_M, BLOCK_D0), tl.float32)
+    dq1 = dq0  # the second column part only when SPLIT
     if SPLIT:
         dq1 = tl.zeros((BLOCK_M, BLOCK_D1), tl.float32)
     for start_n in range(0, T, BLOCK_N):
         n = start_n + offs_n
         mask_n = n < T
-        k0 = _load_tile(kb_, n, stride_xt, mask_n, cols0, Dh)
-        v0 = _load_tile(vb_, n, stride_xt, mask_n, cols0, Dh)
-        k1 = k0
-        if SPLIT:
-            k1 = _load_tile(kb_, n, stride_xt, mask_n, cols1, Dh)
-            v1 = _load_tile(vb_, n, stride_xt, mask_n, cols1, Dh)
+        k0, k1 = _load_parts(kb_, n, stride_xt, mask_n, cols0, cols1, Dh, SPLIT)
+        v0, v1 = _load_parts(vb_, n, stride_xt, mask_n, cols0, cols1, Dh, SPLIT)
         if HAS_QK_NORM:
             k0, k1 = _ln_apply(k0, k1, KW, KB, cols0, cols1, Dh, eps, SPLIT)
-        s = _dot(q0, tl.trans(k0), DOT_PRECISION, UPCAST_DOT)
-        dp = _dot(do0, tl.trans(v0), DOT_PRECISION, UPCAST_DOT)
-        if SPLIT:
-            s += _dot(q1, tl.trans(k1), DOT_PRECISION, UPCAST_DOT)
-            dp += _dot(do1, tl.trans(v1), DOT_PRECISION, UPCAST_DOT)
+        s = _dot_parts(q0, tl.trans(k0), q1, tl.trans(k1), DOT_PRECISION, UPCAST_DOT, SPLIT)
+        dp = _dot_parts(do0, tl.trans(v0), do1, tl.trans(v1), DOT_PRECISION, UPCAST_DOT, SPLIT)
         p = tl.where(mask_n[None, :], tl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # padded keys: no probability
         ds = (p * (dp - delta[:, None])).to(dt)
         dq0 += _dot(ds, k0, DOT_PRECISION, UPCAST_DOT)
         if SPLIT:
             dq1 += _dot(ds, k1, DOT_PRECISION, UPCAST_DOT)
-    dq0 = dq0 * sm_scale
-    if SPLIT:
-        dq1 = dq1 * sm_scale
-    else:
-        dq1 = dq0
-
-    if HAS_QK_NORM:
-        part = pid.to(tl.int64) * Dh
-        _store_norm_partials(DQW, DQB, part, dq0, qh0, dq1, qh1, mask_m, cols0, cols1, Dh, SPLIT)
-        dq0, dq1 = _ln_bwd(dq0, qh0, dq1, qh1, qrstd, QW, cols0, cols1, Dh, SPLIT)
+    dq0, dq1 = _grad_epilogue(dq0, dq1, qh0, qh1, qrstd, QW, DQW, DQB, pid, sm_scale, mask_m, cols0, cols1, Dh,
+                              HAS_QK_NORM, SPLIT)
 
     db_ = DQKV + b.to(tl.int64) * T * 3 * C + h * Dh
     _store_tile(db_, offs_m, 3 * C, mask_m, cols0, Dh, dq0)
@@ -467,6 +456,13 @@ def _dot_args(qkv):
     return dict(DOT_PRECISION="ieee" if fp32 else "tf32", UPCAST_DOT=interp and qkv.dtype == torch.bfloat16)
 
 
+def head_dim_problem(Dh: int):
+    """The kernels' head-dim limit, stated once (ops/attention.py registers it as the triton backend's limit)."""
+    if Dh % 8 or Dh > 128 or Dh == 0:
+        return f"needs a head dim that is a multiple of 8 up to 128, got Dh={Dh}"
+    return None
+
+
 def _check(qkv, num_heads):
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be (B, T, 3*C), got shape {tuple(qkv.shape)}")
@@ -474,10 +470,11 @@ def _check(qkv, num_heads):
     if C3 % (3 * num_heads):
         raise ValueError(f"qkv's last dim {C3} must be 3 * num_heads * Dh with num_heads={num_heads}")
     Dh = C3 // (3 * num_heads)
-    if Dh % 8 or Dh > 128 or Dh == 0:
-        raise ValueError(f"the triton attention needs a head dim that is a multiple of 8 up to 128, got Dh={Dh}")
-    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"qkv must be float16, bfloat16 or float32, got {qkv.dtype}")
+    why = head_dim_problem(Dh)
+    if why:
+        raise ValueError(f"the triton attention {why}")
+    if qkv.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"qkv must be one of {KERNEL_DTYPES}, got {qkv.dtype}")
     return B, T, C3 // 3, Dh
 
 
@@ -513,8 +510,8 @@ def attention_fwd(qkv, num_heads, qk_norm=None, scale=None, eps=1e-5, split=None
 
 
 def attention_bwd(do, qkv, o, lse, num_heads, qk_norm=None, scale=None, eps=1e-5, split=None):
-    """Gradients of attention_fwd: (dqkv (B, T, 3C), dqw, dqb, dkw, dkb); the last four fp32, None without
-    qk_norm."""
+    """Gradients of attention_fwd: (dqkv (B, T, 3C), dqw, dqb, dkw, dkb); the last four fp32 (Dh,), or (0,)
+    fp32 tensors without qk_norm (imm_fast._backend.absent: outputs not asked for)."""
     B, T, C, Dh = _check(qkv, num_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
@@ -527,8 +524,8 @@ def attention_bwd(do, qkv, o, lse, num_heads, qk_norm=None, scale=None, eps=1e-5
     dqkv = torch.empty((B, T, 3 * C), device=qkv.device, dtype=qkv.dtype)
     if B * T == 0:
         dqkv.zero_()
-        z = torch.zeros(Dh, device=qkv.device, dtype=torch.float32) if has_norm else None
-        return dqkv, z, z, z, z
+        return (dqkv,) + tuple(torch.zeros(Dh if has_norm else 0, device=qkv.device, dtype=torch.float32)
+                               for _ in range(4))
     sp, d0, d1 = _head_split(Dh) if split is None else (False, max(16, triton.next_power_of_2(Dh)), 16)
     bm, bn, warps, stages = _bwd_config(Dh, T)
     delta = torch.empty((B, H, T), device=qkv.device, dtype=torch.float32)
@@ -553,5 +550,5 @@ def attention_bwd(do, qkv, o, lse, num_heads, qk_norm=None, scale=None, eps=1e-5
         qkv, do, lse, delta, dqkv, qw, qb, kw, kb, dqw_p, dqb_p, qkv.stride(0), qkv.stride(1),
         do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common)
     if not has_norm:
-        return dqkv, None, None, None, None
+        return (dqkv,) + tuple(qkv.new_empty(0, dtype=torch.float32) for _ in range(4))
     return dqkv, dqw_p.sum(0), dqb_p.sum(0), dkw_p.sum(0), dkb_p.sum(0)

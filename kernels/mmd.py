@@ -173,6 +173,8 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     if x2d.shape != y2d.shape:
         raise ValueError(f"y2d must have x2d's shape {tuple(x2d.shape)}, got {tuple(y2d.shape)}")
     B, D = x2d.shape
+    if D == 0:
+        raise ValueError(f"rows need at least one value (D >= 1), got shape {tuple(x2d.shape)}")
     M = int(group_size)
     if M < 1 or B % M:
         raise ValueError(f"group_size={group_size} must be a positive divisor of B={B}")
@@ -181,6 +183,7 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     R, BM, block_d, num_warps = _blocks(M, D)
     NB = triton.cdiv(2 * M, BM)
     part = torch.empty((G * NB,), device=x2d.device, dtype=torch.float32)  # (G, NB) flat
+    # Gradients not asked for: (0,) tensors (imm_fast._backend.absent), like every backend and fake.
     gx = torch.empty((B, D), device=x2d.device, dtype=x2d.dtype) if need_gx else x2d.new_empty(0)
     gy = torch.empty((B, D), device=y2d.device, dtype=y2d.dtype) if need_gy else y2d.new_empty(0)
     _mmd_fwd_kernel[(G, NB)](
@@ -192,14 +195,3 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     )
     mmd2 = part if NB == 1 else part.view(G, NB).sum(dim=1)  # (G,): a fresh tensor, not a view
     return mmd2, gx, gy
-
-
-def mmd_bwd(gx, gy, coef, group_size):
-    """Backward: dL/dx = c_g * gx, dL/dy = c_g * gy with c_g = dL/dMMD2_g (G,); one elementwise pass each."""
-    def scaled(gz):
-        if gz is None or gz.numel() == 0:
-            return None
-        G = coef.shape[0]
-        return (gz.view(G, -1) * coef.to(gz.dtype).view(G, 1)).view(gz.shape)
-
-    return scaled(gx), scaled(gy)

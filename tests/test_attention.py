@@ -107,7 +107,7 @@ def test_one_padded_tile_at_72(qk_norm):
               H=1)
     o, lse = attention_fwd(qkv, 1, norm, split=False)
     grads = attention_bwd(do, qkv, o, lse, 1, norm, split=False)
-    got = [o] + [g for g in grads if g is not None]
+    got = [o] + [g for g in grads if g.numel()]  # absent (0,) tensors without qk-norm
     assert len(got) == len(ref)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g.double(), r, atol=2e-5 * max(1.0, r.abs().max().item()), rtol=1e-5)

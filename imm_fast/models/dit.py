@@ -178,7 +178,8 @@ class DiT(nn.Module):
     the embedding table (num_classes + 1 rows, + 1 more if class_dropout_prob > 0); the reference DiT keeps
     num_classes=1000 whatever the label width, and so do checkpoints that come from it.
     fused: True -> adaLN and attention through imm_fast's fused ops; False -> the reference ops;
-    None -> fused on CUDA when triton is installed.
+    None -> auto, resolved by imm_fast._backend.resolve_fused (fused on CUDA when triton is installed, unless
+    IMM_FAST_BACKEND=torch); see there for how it ranks against TrainConfig.reference and IMM_FAST_BACKEND.
     """
 
     def __init__(self, img_resolution, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
@@ -234,7 +235,7 @@ class DiT(nn.Module):
         if mode == "full":
             self.compile(dynamic=False)
         elif mode == "regional":
-            fused = self.fused is None or bool(self.fused)  # auto resolves to fused on CUDA, where compile matters
+            fused = self.use_fused(self.pos_embed)  # the path forward takes on this module's device
             for block in self.blocks:
                 if fused:  # forward_blocks_fused calls these three and never block.forward
                     for sub in (block.adaLN_modulation, block.attn, block.mlp):
@@ -272,9 +273,8 @@ class DiT(nn.Module):
         return c + y
 
     def use_fused(self, x):
-        if self.fused is None:
-            return x.is_cuda and _backend.has_triton()
-        return bool(self.fused)
+        """Whether forward takes the fused path for inputs like x (the one resolution: _backend.resolve_fused)."""
+        return _backend.resolve_fused(self.fused, x.device)
 
     def forward(self, x, noise_labels_t, noise_labels_s=None, class_labels=None):
         n = x.shape[0]

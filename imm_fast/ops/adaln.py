@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import _backend
+
 
 def adaln_modulate_ref(x, shift, scale, eps=1e-6):
     """LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]; x (B, T, C), shift/scale (B, C)."""
@@ -33,8 +35,7 @@ def gated_residual_adaln_ref(x, gate, y, shift, scale, eps=1e-6):
 # ----------------------------------------------------------------------------------------------------------------
 # Custom ops (the kernels behind one schema; absent inputs select the op: gate/y -> residual, shift/scale -> norm)
 # ----------------------------------------------------------------------------------------------------------------
-def _empty(like):
-    return like.new_empty(0)
+_empty = _backend.absent  # outputs not asked for (one convention for every launcher and fake)
 
 
 def _dtypes(x, gate, y, shift, scale):
@@ -55,16 +56,17 @@ def _adaln_fwd_op(x: Tensor, gate: Optional[Tensor], y: Optional[Tensor], shift:
     xnew_dtype, out_dtype = _dtypes(x, gate, y, shift, scale)
     xnew, out, mean, rstd = adaln_fwd(x.to(xnew_dtype) if has_res else x, gate, y, shift, scale, eps, has_res,
                                       has_norm, xnew_dtype, out_dtype)
-    return tuple(v if v is not None else _empty(x) for v in (xnew, out, mean, rstd))
+    return xnew, out, mean, rstd
 
 
 @_adaln_fwd_op.register_fake
 def _(x, gate, y, shift, scale, eps):
     B, T, C = x.shape
     xnew_dtype, out_dtype = _dtypes(x, gate, y, shift, scale)
-    xnew = x.new_empty((B, T, C), dtype=xnew_dtype) if gate is not None else _empty(x)
+    none = _empty(x, xnew_dtype)  # as the launcher: absent(the kernel's x, in x_new's dtype)
+    xnew = x.new_empty((B, T, C), dtype=xnew_dtype) if gate is not None else none
     if shift is None:
-        return xnew, _empty(x), _empty(x), _empty(x)
+        return xnew, none, none, none
     stats = x.new_empty((B, T), dtype=torch.float32)
     return xnew, x.new_empty((B, T, C), dtype=out_dtype), stats, stats.new_empty((B, T))
 
@@ -78,8 +80,7 @@ def _adaln_bwd_op(dout: Optional[Tensor], dxnew: Optional[Tensor], xn: Optional[
     has_res, has_norm = gate is not None, scale is not None
     dx, dgate, dy, dshift, dscale = adaln_bwd(dout, dxnew, xn, y, gate, scale, mean, rstd, has_res, has_norm,
                                               x_dtype)
-    like = dx
-    return tuple(v if v is not None else _empty(like) for v in (dx, dgate, dy, dshift, dscale))
+    return dx, dgate, dy, dshift, dscale
 
 
 @_adaln_bwd_op.register_fake
@@ -87,10 +88,11 @@ def _(dout, dxnew, xn, y, gate, scale, mean, rstd, x_dtype):
     ref = xn if xn is not None else y
     B, T, C = ref.shape
     vec = ref.new_empty((B, C), dtype=torch.float32)
-    return (ref.new_empty((B, T, C), dtype=x_dtype), vec if gate is not None else _empty(ref),
-            ref.new_empty((B, T, C), dtype=y.dtype) if y is not None else _empty(ref),
-            vec.new_empty((B, C)) if scale is not None else _empty(ref),
-            vec.new_empty((B, C)) if scale is not None else _empty(ref))
+    none = _empty(ref, x_dtype)  # as the real op: absent(dx)
+    return (ref.new_empty((B, T, C), dtype=x_dtype), vec if gate is not None else none,
+            ref.new_empty((B, T, C), dtype=y.dtype) if y is not None else none,
+            vec.new_empty((B, C)) if scale is not None else none,
+            vec.new_empty((B, C)) if scale is not None else none)
 
 
 def _setup_context(ctx, inputs, output):
@@ -143,24 +145,22 @@ def _check(x, y=None, **vecs):
             raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
 
 
-def _use_triton(backend, x) -> bool:
-    from .. import _backend
+_backend.register("adaln", _backend.Impl("triton", devices=("cuda", "cpu"), dtypes=_backend.KERNEL_DTYPES,
+                                         ready=_backend.triton_ready, auto_skip=_backend.interpreter_not_auto))
 
-    b = _backend.requested(backend, ("torch", "triton"))
-    if b == "triton":
-        if not _backend.triton_usable(x.device):
-            raise ValueError(f"backend='triton' cannot run on {x.device.type} tensors here "
-                             "(it needs CUDA, or TRITON_INTERPRET=1 on the CPU)")
-        return True
-    if b == "torch":
-        return False
-    return x.is_cuda and _backend.triton_usable(x.device)
+
+def _use_triton(backend, x, *vecs) -> bool:
+    """The one rule of imm_fast._backend (argument > IMM_FAST_BACKEND > auto) for these tensors."""
+    dtype = x.dtype
+    for v in vecs:
+        dtype = torch.promote_types(dtype, v.dtype)
+    return _backend.select("adaln", backend, x.device.type, dtype) == "triton"
 
 
 def adaln_modulate(x, shift, scale, eps=1e-6, backend=None):
     """LayerNorm(x, no affine) * (1 + scale[:, None]) + shift[:, None] in one pass; backend None/"torch"/"triton"."""
     _check(x, shift=shift, scale=scale)
-    if not _use_triton(backend, x):
+    if not _use_triton(backend, x, shift, scale):
         return adaln_modulate_ref(x, shift, scale, eps)
     return torch.ops.imm_fast.adaln_fwd(x, None, None, shift, scale, float(eps))[1]
 
@@ -168,7 +168,7 @@ def adaln_modulate(x, shift, scale, eps=1e-6, backend=None):
 def gated_residual(x, gate, y, backend=None):
     """x + gate[:, None] * y in one pass."""
     _check(x, y, gate=gate)
-    if not _use_triton(backend, x):
+    if not _use_triton(backend, x, gate, y):
         return gated_residual_ref(x, gate, y)
     return torch.ops.imm_fast.adaln_fwd(x, gate, y, None, None, 0.0)[0]
 
@@ -176,7 +176,7 @@ def gated_residual(x, gate, y, backend=None):
 def gated_residual_adaln(x, gate, y, shift, scale, eps=1e-6, backend=None):
     """(x_new, adaln_modulate(x_new, shift, scale)), x_new = x + gate[:, None] * y: a block boundary in one pass."""
     _check(x, y, gate=gate, shift=shift, scale=scale)
-    if not _use_triton(backend, x):
+    if not _use_triton(backend, x, gate, y, shift, scale):
         return gated_residual_adaln_ref(x, gate, y, shift, scale, eps)
     xnew, out, _, _ = torch.ops.imm_fast.adaln_fwd(x, gate, y, shift, scale, float(eps))
     return xnew, out

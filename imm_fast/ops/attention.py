@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import _backend
+
 # Auto dispatch on CUDA: (Dh, dtype) -> "triton" or "torch" (SDPA), whichever was measured faster for the whole
 # forward+backward step (`python benchmarks/bench_attention.py --table` prints these entries). Device numbers are
 # pending (no GPU in the task that wrote the kernel), so every entry is the conservative "torch" until measured:
@@ -63,21 +65,21 @@ def _(qkv, num_heads, qw, qb, kw, kb, scale, eps):
 @torch.library.custom_op("imm_fast::attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                       qw: Optional[torch.Tensor], qb: Optional[torch.Tensor], kw: Optional[torch.Tensor],
-                      kb: Optional[torch.Tensor], scale: float, eps: float) -> list[torch.Tensor]:
-    """[dqkv] without qk-norm, [dqkv, dqw, dqb, dkw, dkb] (fp32) with it."""
+                      kb: Optional[torch.Tensor], scale: float,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dqkv, dqw, dqb, dkw, dkb): the qk-norm gradients fp32 (Dh,) with qk-norm, else _backend.absent."""
     from ..kernels.attention import attention_bwd
 
     norm = None if qw is None else (qw, qb, kw, kb)
-    grads = attention_bwd(do, qkv, o, lse, num_heads, norm, scale, eps)
-    return list(grads) if norm is not None else [grads[0]]
+    return tuple(attention_bwd(do, qkv, o, lse, num_heads, norm, scale, eps))
 
 
 @_attention_bwd_op.register_fake
 def _(do, qkv, o, lse, num_heads, qw, qb, kw, kb, scale, eps):
-    out = [qkv.new_empty(qkv.shape)]  # contiguous, as the kernel writes it
-    if qw is not None:
-        out += [qkv.new_empty((qw.shape[0],), dtype=torch.float32) for _ in range(4)]
-    return out
+    dqkv = qkv.new_empty(qkv.shape)  # contiguous, as the kernel writes it
+    if qw is None:
+        return (dqkv,) + tuple(_backend.absent(qkv, torch.float32) for _ in range(4))
+    return (dqkv,) + tuple(qkv.new_empty((qw.shape[0],), dtype=torch.float32) for _ in range(4))
 
 
 def _setup_context(ctx, inputs, output):
@@ -127,8 +129,26 @@ def _check_args(qkv, num_heads, qk_norm, scale, qk_norm_eps):
     return Dh
 
 
-def _triton_ok(qkv, Dh):
-    return Dh % 8 == 0 and Dh <= 128 and qkv.dtype in (torch.float16, torch.bfloat16, torch.float32)
+def _triton_limits(args):
+    if not _backend.has_triton():
+        return []  # `ready` says so
+    from ..kernels.attention import head_dim_problem
+
+    why = head_dim_problem(args.get("Dh"))
+    return [why] if why else []
+
+
+def _triton_auto_skip(args):
+    if args.device == "cpu":
+        return _backend.interpreter_not_auto(args)
+    if _CUDA_TABLE.get((args.get("Dh"), args.dtype), "torch") != "triton":
+        return f"SDPA is measured as fast or faster for (Dh={args.get('Dh')}, {args.dtype}) (see _CUDA_TABLE)"
+    return None
+
+
+_backend.register("attention", _backend.Impl(
+    "triton", devices=("cuda", "cpu"), dtypes=_backend.KERNEL_DTYPES, ready=_backend.triton_ready,
+    limits=_triton_limits, auto_skip=_triton_auto_skip))
 
 
 def attention(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5, backend=None):
@@ -138,25 +158,11 @@ def attention(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5, backen
     entries mean weight 1 / bias 0), a LayerNorm over Dh with eps qk_norm_eps. scale: None -> 1/sqrt(Dh).
     backend: None (auto: on CUDA the faster of triton and SDPA for (Dh, dtype), see _CUDA_TABLE; on CPU
     "torch"), "torch" (attention_ref) or "triton" (the fused kernel; Dh a multiple of 8 up to 128; on CPU only
-    under TRITON_INTERPRET=1). IMM_FAST_BACKEND overrides auto.
+    under TRITON_INTERPRET=1); chosen by imm_fast._backend's one rule (argument > IMM_FAST_BACKEND > auto).
     """
-    from .. import _backend
-
     Dh = _check_args(qkv, num_heads, qk_norm, scale, qk_norm_eps)
-    backend = _backend.requested(backend, ("torch", "triton"))
-    if backend is None:
-        backend = "torch"
-        if qkv.device.type == "cuda" and _backend.triton_usable(qkv.device) and _triton_ok(qkv, Dh):
-            backend = _CUDA_TABLE.get((Dh, qkv.dtype), "torch")
-    if backend == "torch":
+    if _backend.select("attention", backend, qkv.device.type, qkv.dtype, Dh=Dh) == "torch":
         return attention_ref(qkv, num_heads, qk_norm, scale, qk_norm_eps)
-
-    if not _backend.triton_usable(qkv.device):
-        raise ValueError(f"backend='triton' is not usable on {qkv.device} (needs triton, and on CPU "
-                         "TRITON_INTERPRET=1)")
-    if not _triton_ok(qkv, Dh):
-        raise ValueError(f"backend='triton' needs a head dim that is a multiple of 8 up to 128 and a float16, "
-                         f"bfloat16 or float32 qkv; got Dh={Dh}, dtype={qkv.dtype}")
     if qk_norm is None:
         qw = qb = kw = kb = None
     else:

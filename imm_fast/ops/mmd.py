@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from .. import _backend
+
 KERNELS = ("laplace", "rbf")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -56,8 +58,12 @@ def check_mmd_args(x, y, group_size, scale, weight, eps, kernel, reduction):
         raise ValueError(f"kernel={kernel!r} is not one of {KERNELS}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    if x[0].numel() == 0:
+        raise ValueError(f"x must have at least one value per row (D >= 1), got shape {tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a positive float, got {eps!r} ({type(eps).__name__})")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
     G = x.shape[0] // group_size
     for name, v in (("scale", scale), ("weight", weight)):
         if isinstance(v, torch.Tensor):
@@ -65,13 +71,25 @@ def check_mmd_args(x, y, group_size, scale, weight, eps, kernel, reduction):
                 raise ValueError(f"{name} is on {v.device} but x is on {x.device}")
             if v.numel() != G and v.dim() != 0:
                 raise ValueError(f"{name} must have G={G} values (one per group), got shape {tuple(v.shape)}")
-        elif v is not None and not isinstance(v, (int, float)):
+        elif v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
             raise TypeError(f"{name} must be a float or a tensor of shape ({G},), got {type(v).__name__}")
+    # A float scale is checked here; a tensor scale's values are not read (that would wait for the device).
+    if isinstance(scale, (int, float)) and not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale={scale!r} must be a finite float >= 0 (the kernel is exp(-scale * distance / D))")
     return G
 
 
+def _pair_dist(a, b, eps, kernel, twice_differentiable):
+    """Floored pair distances (G, M, M): max(||a-b||, eps) (laplace) or max(||a-b||^2, eps^2) (rbf)."""
+    if twice_differentiable:  # broadcast differences (G*M*M*D memory); floored before the square root
+        d2 = (a[:, :, None, :] - b[:, None, :, :]).square().sum(-1)  # (G, M, M)
+        return d2.clamp_min(eps * eps).sqrt() if kernel == "laplace" else d2.clamp_min(eps * eps)
+    d = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # (G, M, M)
+    return d.clamp_min(eps) if kernel == "laplace" else (d * d).clamp_min(eps * eps)
+
+
 def mmd_loss_ref(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace",
-                 normalize_dim=True, reduction="mean"):
+                 normalize_dim=True, reduction="mean", *, twice_differentiable=False):
     """Grouped MMD^2 (V-statistic), the straightforward torch.cdist version.
 
     x, y: (B, ...) with B = G*M; each row flattened to D values.
@@ -81,7 +99,9 @@ def mmd_loss_ref(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="lap
     MMD2_g = (1/M^2) sum_ij [k(x_i, x_j) + k(y_i, y_j) - 2 k(x_i, y_j)]
     reduction: "mean" -> mean_g(weight_g MMD2_g); "sum" -> sum_g(...); "none" -> the (G,) vector weight_g MMD2_g.
     Distances come from differences (cdist without the matrix-product shortcut), which does not cancel when
-    particles are close.
+    particles are close. twice_differentiable=True forms them from broadcast differences instead (G*M*M*D
+    memory): differentiable twice (create_graph=True; cdist's backward is not) and runs on fp16/bf16 CPU tensors
+    (computed in fp32, returned in their dtype).
     """
     G = check_mmd_args(x, y, group_size, scale, weight, eps, kernel, reduction)
     M = group_size
@@ -89,22 +109,19 @@ def mmd_loss_ref(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="lap
     Y = y.reshape(G, M, -1)  # (G, M, D)
     D = X.shape[-1] if normalize_dim else 1
     dt = torch.promote_types(x.dtype, y.dtype)
-    X, Y = X.to(dt), Y.to(dt)
+    # twice_differentiable computes fp16/bf16 in fp32: eps^2 = 1e-8 would underflow to 0 there (sqrt'(0) = inf).
+    cdt = torch.float32 if twice_differentiable and dt in (torch.float16, torch.bfloat16) else dt
+    X, Y = X.to(cdt), Y.to(cdt)
     s = _as_group_vector(scale, G, "scale", X).view(G, 1, 1)  # (G, 1, 1)
 
     def k(a, b):
-        d = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")  # (G, M, M)
-        d = d.clamp_min(eps) if kernel == "laplace" else (d * d).clamp_min(eps * eps)
-        return torch.exp(-s * d / D)
+        return torch.exp(-s * _pair_dist(a, b, eps, kernel, twice_differentiable) / D)
 
     mmd2 = (k(X, X) + k(Y, Y) - 2 * k(X, Y)).mean(dim=(1, 2))  # (G,)
     if weight is not None:
         mmd2 = mmd2 * _as_group_vector(weight, G, "weight", mmd2)
-    if reduction == "mean":
-        return mmd2.mean()
-    if reduction == "sum":
-        return mmd2.sum()
-    return mmd2
+    out = mmd2.mean() if reduction == "mean" else mmd2.sum() if reduction == "sum" else mmd2
+    return out.to(dt)
 
 
 @torch.no_grad()
@@ -117,9 +134,7 @@ def mmd_terms(x, y, group_size, scale=1.0, eps=1e-4, kernel="laplace", normalize
     s = _as_group_vector(scale, G, "scale", X).view(G, 1, 1)
 
     def kmean(a, b):
-        d = torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
-        d = d.clamp_min(eps) if kernel == "laplace" else (d * d).clamp_min(eps * eps)
-        return torch.exp(-s * d / D).mean(dim=(1, 2))
+        return torch.exp(-s * _pair_dist(a, b, eps, kernel, False) / D).mean(dim=(1, 2))
 
     return torch.stack([kmean(X, X), kmean(Y, Y), kmean(X, Y)], dim=1)
 
@@ -127,64 +142,60 @@ def mmd_terms(x, y, group_size, scale=1.0, eps=1e-4, kernel="laplace", normalize
 # ----------------------------------------------------------------------------------------------------------------
 # Kernel backends behind one custom op
 
-# Auto choice per device type. CUDA: "triton" until device measurements (benchmarks/bench_mmd.py) say whether
-# the CUDA extension is faster for some shapes; the numbers are pending (no GPU was available when this was written).
-_AUTO = {"cuda": ("triton", "cuda"), "cpu": ("cpp",)}
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _ext_module(device_type: str):
     """The C++/CUDA extension for this device type, or None (no extension module yet, or it failed to build)."""
-    try:
-        from .. import _ext
-    except ImportError:
-        return None
+    from .. import _ext
+
     return _ext.mmd_ext(device_type)
 
 
+def _ext_ready(device_type: str):
+    from .. import _ext
+
+    return _ext.unavailable(device_type)
+
+
+def _register():
+    """mmd's implementations, auto order first to last. CUDA: "triton" before the CUDA extension until device
+    measurements (benchmarks/bench_mmd.py) say otherwise; CPU: the C++ extension."""
+    def scale_grad(args):
+        return ["a scale that requires grad needs the reference (the kernels give no dL/dscale)"] \
+            if args.get("scale_grad") else []
+
+    def triton_launcher(device_type):
+        from ..kernels.mmd import mmd_fwd
+
+        return mmd_fwd
+
+    def ext_launcher(device_type):
+        return _ext_module(device_type).mmd_fwd
+
+    Impl, dtypes = _backend.Impl, _backend.KERNEL_DTYPES
+    _backend.register("mmd", Impl("triton", devices=("cuda", "cpu"), dtypes=dtypes, ready=_backend.triton_ready,
+                                  limits=scale_grad, auto_skip=_backend.interpreter_not_auto,
+                                  launcher=triton_launcher))
+    _backend.register("mmd", Impl("cuda", devices=("cuda",), dtypes=dtypes, ready=_ext_ready, limits=scale_grad,
+                                  launcher=ext_launcher))
+    _backend.register("mmd", Impl("cpp", devices=("cpu",), dtypes=dtypes, ready=_ext_ready, limits=scale_grad,
+                                  launcher=ext_launcher))
+
+
+_register()
+
+
 def _usable(name: str, device_type: str) -> bool:
-    from .. import _backend
-
-    if name == "torch":
-        return True
-    if name == "triton":
-        return _backend.triton_usable(torch.device(device_type))
-    if name == "cpp":
-        return device_type == "cpu" and _ext_module("cpu") is not None
-    if name == "cuda":
-        return device_type == "cuda" and _ext_module("cuda") is not None
-    return False
+    """Backend name can run fp32 mmd_loss on tensors of this device type here."""
+    impl = next((i for i in _backend.impls("mmd") if i.name == name), None)
+    return impl is not None and not impl.why_not(_backend.op_args(device_type, torch.float32))
 
 
-@torch.compiler.assume_constant_result
-def _pick_backend(backend, device_type: str) -> str:
-    """argument > IMM_FAST_BACKEND > auto. An unusable argument raises; an unusable env value warns and goes auto."""
-    from .. import _backend
-
-    _backend.check_backend(backend, _backend.BACKENDS)
-    if backend is not None:
-        if not _usable(backend, device_type):
-            raise ValueError(f"backend={backend!r} is not usable on {device_type} tensors here "
-                             f"(triton needs CUDA or TRITON_INTERPRET=1 on CPU; cpp/cuda need the built extension)")
-        return backend
-    env = _backend.requested(None, _backend.BACKENDS)
-    if env is not None:
-        if _usable(env, device_type):
-            return env
-        _backend.warn_once(f"mmd-env-{env}-{device_type}",
-                           f"IMM_FAST_BACKEND={env!r} is not usable on {device_type} tensors; "
-                           "mmd_loss picks automatically")
-    for name in _AUTO.get(device_type, ()):
-        if _usable(name, device_type):
-            return name
-    return "torch"
+def _pick_backend(backend, device_type: str, dtype=torch.float32) -> str:
+    """argument > IMM_FAST_BACKEND > auto, for fp32 tensors of device_type (see imm_fast._backend)."""
+    return _backend.select("mmd", backend, device_type, dtype)
 
 
 def _launch(backend: str, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy):
-    if backend == "triton":
-        from ..kernels.mmd import mmd_fwd
-    else:
-        mmd_fwd = _ext_module(x2d.device.type).mmd_fwd
+    mmd_fwd = _backend.launcher("mmd", backend, x2d.device.type)
     return mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy)
 
 
@@ -193,18 +204,17 @@ def _mmd_fwd_op(x2d: torch.Tensor, y2d: torch.Tensor, group_size: int, scale: to
                 normalize_dim: bool, need_gx: bool, need_gy: bool,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(MMD2_g (G,) fp32 unweighted, dMMD2_g/dx (B, D) or empty, dMMD2_g/dy (B, D) or empty)."""
-    mmd2, gx, gy = _launch(backend, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy)
-    # Launchers return fresh tensors (a custom op may not return views); gradients not asked for become (0,)
-    # tensors whatever empty shape a launcher used, so that the fake implementation's shapes hold exactly.
-    return mmd2, gx if need_gx else x2d.new_empty(0), gy if need_gy else y2d.new_empty(0)
+    # Launchers return fresh tensors (a custom op may not return views) and _backend.absent for gradients not
+    # asked for, as the fake implementation does.
+    return _launch(backend, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy)
 
 
 @_mmd_fwd_op.register_fake
 def _(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy, backend):
     B, D = x2d.shape
     mmd2 = x2d.new_empty((B // group_size,), dtype=torch.float32)
-    gx = x2d.new_empty((B, D)) if need_gx else x2d.new_empty(0)
-    gy = y2d.new_empty((B, D)) if need_gy else y2d.new_empty(0)
+    gx = x2d.new_empty((B, D)) if need_gx else _backend.absent(x2d)
+    gy = y2d.new_empty((B, D)) if need_gy else _backend.absent(y2d)
     return mmd2, gx, gy
 
 
@@ -219,7 +229,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_mmd2, g_gx, g_gy):
     """dL/dx = c_g gx, dL/dy = c_g gy with c_g = dL/dMMD2_g: one elementwise pass over each stored gradient."""
     if torch.is_grad_enabled():
-        raise RuntimeError("mmd_loss kernels have no double backward; use backend='torch' for create_graph=True")
+        raise RuntimeError("mmd_loss kernels have no double backward (create_graph=True); use "
+                           "imm_fast.ops.mmd.mmd_loss_ref(..., twice_differentiable=True), which runs on every "
+                           "device and dtype")
     gx, gy = ctx.saved_tensors
     if g_mmd2 is None:  # grads are not materialized: nothing flowed into MMD2_g
         return (None,) * 10
@@ -249,15 +261,16 @@ def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace
 
     x, y: (B, ...) with B = G * group_size; scale, weight: floats or (G,) tensors.
     backend: None (auto: the fastest available for the tensors' device: CUDA triton, CPU cpp, else torch),
-    "torch" (the reference), "triton", "cpp" or "cuda". IMM_FAST_BACKEND overrides auto (under torch.compile the
-    choice is made once, when the function is traced). Gradients flow to x and
-    y when they require grad (and to weight). The kernels take fp32/bf16/fp16 and accumulate in fp32; float64
-    inputs, a scale that requires grad, and double backward use the reference.
+    "torch" (the reference), "triton", "cpp" or "cuda"; chosen by imm_fast._backend's one rule (argument >
+    IMM_FAST_BACKEND > auto; under torch.compile the choice is made once, when the function is traced).
+    Gradients flow to x and y when they require grad (and to weight). The kernels take fp32/bf16/fp16 and
+    accumulate in fp32; float64 inputs and a scale that requires grad run on the reference ("torch": asking for
+    a kernel backend then raises with the reasons); for double backward see mmd_loss_ref(twice_differentiable).
     """
     G = check_mmd_args(x, y, group_size, scale, weight, eps, kernel, reduction)
-    impl = _pick_backend(backend, x.device.type)
-    if (impl == "torch" or x.dtype not in _KERNEL_DTYPES or y.dtype not in _KERNEL_DTYPES
-            or (isinstance(scale, torch.Tensor) and scale.requires_grad)):
+    impl = _backend.select("mmd", backend, x.device.type, torch.promote_types(x.dtype, y.dtype),
+                           scale_grad=isinstance(scale, torch.Tensor) and scale.requires_grad)
+    if impl == "torch":
         return mmd_loss_ref(x, y, group_size, scale, weight, eps, kernel, normalize_dim, reduction)
     B = x.shape[0]
     dt = torch.promote_types(x.dtype, y.dtype)
