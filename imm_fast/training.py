@@ -46,6 +46,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ._backend import reference_loss_backend, resolve_fused
 from ._files import atomic_write_text, image_grid, write_png
 from .checkpoint import (CKPT_PREFIX, NonFiniteError, RunLock, _nonfinite_entries, find_checkpoint, list_checkpoints,
                          read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
@@ -428,8 +429,11 @@ def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.E
     mcfg, lcfg = cfg.model, cfg.loss
     if device.type == "cuda" and cfg.amp and mcfg.mixed_precision is None:
         mcfg = dataclasses.replace(mcfg, mixed_precision=cfg.amp)
-    if cfg.reference:  # the switch to the plain PyTorch path
-        mcfg, lcfg = dataclasses.replace(mcfg, fused=False), dataclasses.replace(lcfg, backend="torch")
+    # reference=true outranks model.fused and loss.backend (the precedence: imm_fast._backend.resolve_fused). Only
+    # then is fused pinned: otherwise None stays in the model's init kwargs, so a checkpoint picks per device.
+    if cfg.reference:
+        mcfg = dataclasses.replace(mcfg, fused=resolve_fused(mcfg.fused, device, reference=True))
+    lcfg = dataclasses.replace(lcfg, backend=reference_loss_backend(lcfg.backend, cfg.reference))
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
