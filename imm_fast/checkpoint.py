@@ -9,7 +9,8 @@
 - an imm_fast safetensors file (`save_model`), or a run checkpoint directory holding ema.safetensors or
   model.safetensors;
 - a plain state dict (.pt/.pth/.safetensors, with or without the `model.` prefix); its architecture is inferred
-  from the tensor shapes, the IMM settings from `model_kwargs` (default: the ImageNet euler_fm/stride settings).
+  from the tensor shapes, the IMM settings from `model_kwargs` (default: the ImageNet euler_fm/stride settings for
+  a DiT, the CIFAR-10 simple_edm/identity ones for a UNet).
 """
 from __future__ import annotations
 
@@ -237,10 +238,14 @@ def read_official_pickle(path, key="ema"):
 # --------------------------------------------------------------------------------------------------------------
 # Building models from (init kwargs, state dict)
 # --------------------------------------------------------------------------------------------------------------
-def _dit_parameters():
+def _backbone_parameters(model_type):
+    """Constructor keywords of the backbone that model_type names (the DiT also takes 'skip', unused)."""
     from .models.dit import DiT
+    from .models.unet import UNET_TYPES
 
-    return set(inspect.signature(DiT.__init__).parameters) - {"self"}
+    cls = UNET_TYPES.get(model_type, DiT)
+    extra = set() if model_type in UNET_TYPES else {"skip"}
+    return (set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}) | extra
 
 
 def _imm_parameters():
@@ -252,22 +257,23 @@ def _imm_parameters():
 def build_from_kwargs(init_kwargs, state_dict, device="cpu", fused=None):
     """An IMM model from stored constructor kwargs, loaded with `state_dict` (strict), in eval mode.
 
-    Keys the reference DiT accepts but ignores (it takes **kwargs) are dropped with a warning.
+    Keys the authors' backbone accepts but ignores (it takes **kwargs) are dropped with a warning.
     """
     from .models.imm import IMM
 
     import numpy as np
 
     kw = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in init_kwargs.items()}
-    allowed = _imm_parameters() | _dit_parameters() | {"skip"}
+    model_type = kw.get("model_type", "DiT")
+    allowed = _imm_parameters() | _backbone_parameters(model_type)
+    for k in ("in_channels", "out_channels"):  # the wrapper passes img_channels for both
+        kw.pop(k, None)
     ignored = sorted(k for k in kw if k not in allowed)
     for k in ignored:
         kw.pop(k)
-    for k in ("in_channels", "out_channels"):  # the wrapper passes img_channels for both
-        kw.pop(k, None)
     if ignored:
-        warnings.warn(f"checkpoint init kwargs ignored (the reference DiT ignores them too): {ignored}")
-    if fused is not None:
+        warnings.warn(f"checkpoint init kwargs ignored (the authors' {model_type} ignores them too): {ignored}")
+    if fused is not None and "fused" in allowed:  # the DiT's switch; the UNets have no fused path
         kw["fused"] = fused
     if isinstance(kw.get("embedding_kwargs"), dict):
         kw["embedding_kwargs"] = dict(kw["embedding_kwargs"])
@@ -283,8 +289,11 @@ _HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}
 
 
 def infer_model_kwargs(state_dict):
-    """DiT architecture from a state dict's shapes (heads: the DiT table, else width / 64)."""
+    """Backbone architecture from a state dict's shapes: a UNet (model.enc.* keys) or a DiT (heads: the DiT
+    table, else width / 64)."""
     sd = state_dict
+    if any(k.startswith("model.enc.") for k in sd):
+        return _infer_unet_kwargs(sd)
     w = sd["model.x_embedder.proj.weight"]  # (C, Cin, p, p)
     hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
     num_patches = sd["model.pos_embed"].shape[1]
@@ -298,6 +307,53 @@ def infer_model_kwargs(state_dict):
                 qk_norm="model.blocks.0.attn.q_norm.weight" in sd)
 
 
+def _infer_unet_kwargs(sd):
+    """SongUNet / DhariwalUNet constructor kwargs from the names and shapes of a state dict (model. prefix)."""
+    import re
+
+    song = not any(k.startswith("model.out_conv.") for k in sd)
+    enc = {}  # resolution -> {block index: out channels}
+    attn = set()
+    for k, v in sd.items():
+        m = re.match(r"model\.enc\.(\d+)x\d+_block(\d+)\.conv1\.weight$", k)
+        if m:
+            enc.setdefault(int(m[1]), {})[int(m[2])] = v.shape[0]
+        m = re.match(r"model\.enc\.(\d+)x\d+_block\d+\.qkv\.weight$", k)
+        if m:
+            attn.add(int(m[1]))
+    if not enc:
+        raise KeyError("model.enc.<R>x<R>_block0.conv1.weight")
+    conv = next(k for k in sd if re.match(r"model\.enc\.\d+x\d+_conv\.weight$", k))
+    res = int(conv.split(".")[2].split("x")[0])
+    in_ch = sd[conv].shape[1]
+    noise_ch = sd["model.map_layer0.weight"].shape[1]
+    emb_ch = sd["model.map_layer0.weight"].shape[0]
+    mc = sd[conv].shape[0] if song else noise_ch  # Song: the stem conv is model_channels wide; ADM: the features
+    levels = sorted(enc, reverse=True)
+    label_key = "model.map_label.weight"
+    kw = dict(img_resolution=res, img_channels=in_ch, model_type="SongUNet" if song else "DhariwalUNet",
+              label_dim=sd[label_key].shape[1] if label_key in sd else 0, model_channels=mc,
+              channel_mult=[enc[r][0] // mc for r in levels], channel_mult_emb=emb_ch // mc,
+              num_blocks=len(enc[levels[0]]), attn_resolutions=sorted(attn, reverse=True),
+              s_embed="model.map_layer0_s.weight" in sd)
+    if "model.map_augment.weight" in sd:
+        kw["augment_dim"] = sd["model.map_augment.weight"].shape[1]
+    if song:
+        f = next((v for k, v in sd.items() if k.endswith("resample_filter")), None)
+        taps = [1, 1]
+        if f is not None:  # f = outer(f1, f1) / sum(f1)^2: its diagonal's square root is f1 / sum(f1)
+            f1 = f.reshape(f.shape[-2], f.shape[-1]).diagonal().double().sqrt()
+            taps = [int(round(v)) for v in (f1 / f1.min()).tolist()]
+        kw.update(embedding_type="fourier" if "model.map_noise.freqs" in sd else "positional",
+                  channel_mult_noise=noise_ch // mc, resample_filter=taps,
+                  encoder_type="residual" if any("_aux_residual" in k for k in sd) else
+                  "skip" if any("_aux_skip" in k for k in sd) else "standard",
+                  decoder_type="skip" if sum(k.endswith("_aux_conv.weight") for k in sd) > 1 else "standard")
+    return kw
+
+
+_CIFAR_DEFAULTS = dict(noise_schedule="fm", f_type="simple_edm", temb_type="identity", sigma_data=0.5, T=0.994,
+                       eps=0.006, time_scale=1000.0)
 _IMAGENET_DEFAULTS = dict(noise_schedule="fm", f_type="euler_fm", temb_type="stride", sigma_data=0.5, T=0.994,
                           eps=0.0, time_scale=1000.0)
 
@@ -323,7 +379,8 @@ def load_official(path, device="cpu", key="ema", fused=None, model_kwargs=None):
     path: the authors' .pkl; an imm_fast .safetensors file; a run checkpoint directory (ema.safetensors preferred,
     else model.safetensors; a run folder follows its `latest` checkpoint); or a plain state dict file.
     key: which network of an authors' pickle ('ema'). fused: override the DiT's fused switch.
-    model_kwargs: IMM/DiT settings for plain state dicts (their architecture is inferred from shapes).
+    model_kwargs: IMM/backbone settings for plain state dicts (their architecture is inferred from shapes; the IMM
+    settings default to the paper's ImageNet ones for a DiT, its CIFAR-10 ones for a UNet).
     """
     p = Path(path)
     if not p.exists():
@@ -366,8 +423,10 @@ def load_official(path, device="cpu", key="ema", fused=None, model_kwargs=None):
 def _from_plain_state_dict(sd, device, fused, model_kwargs):
     sd = _with_prefix(sd)
     try:
-        kw = {**_IMAGENET_DEFAULTS, **infer_model_kwargs(sd)}
-    except KeyError as e:
-        raise ValueError(f"state dict is not an IMM DiT (missing {e})") from None
+        arch = infer_model_kwargs(sd)
+    except (KeyError, StopIteration) as e:
+        raise ValueError(f"state dict is not an IMM DiT or UNet (missing {e})") from None
+    # Settings the shapes cannot tell: the paper's CIFAR-10 ones for a UNet, the ImageNet ones for a DiT.
+    kw = {**(_IMAGENET_DEFAULTS if arch.get("model_type", "DiT") == "DiT" else _CIFAR_DEFAULTS), **arch}
     kw.update(model_kwargs or {})
     return build_from_kwargs(kw, sd, device, fused)

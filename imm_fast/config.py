@@ -18,6 +18,7 @@ DIT_SIZES = {  # name -> (hidden_size, depth, num_heads), as in the DiT paper
 NOISE_SCHEDULES = ("fm", "vp_cosine")
 F_TYPES = ("euler_fm", "simple_edm", "identity")
 TEMB_TYPES = ("identity", "stride")
+MODEL_TYPES = ("DiT", "SongUNet", "DhariwalUNet")
 
 
 def _choice(name, value, allowed):
@@ -30,7 +31,8 @@ class ModelConfig:
     img_resolution: int = 32          # input side length (pixels or latent cells)
     img_channels: int = 4             # input channels (4 for SD-VAE latents, 3 for RGB)
     label_dim: int = 1000             # number of classes; 0 = unconditional
-    arch: str = "DiT"                 # backbone family (only DiT for now)
+    model_type: str = "DiT"           # backbone, the authors' class name: "DiT", "SongUNet" (DDPM++/NCSN++) or
+                                      # "DhariwalUNet" (ADM); the DiT fields below apply to "DiT" only
     patch_size: int = 2               # DiT patch side
     hidden_size: int = 1152           # DiT width C
     depth: int = 28                   # number of DiT blocks
@@ -50,24 +52,62 @@ class ModelConfig:
     eps: float = 0.0                  # smallest time eps_t
     mixed_precision: Optional[str] = None  # network autocast on CUDA: None, "bf16" or "fp16"
     fused: Optional[bool] = None      # fused kernels in the DiT: None = auto (CUDA with triton), True, False
+    # UNet fields ("SongUNet"/"DhariwalUNet"; the authors' names and their CIFAR-10 DDPM++ values as defaults).
+    # dropout, s_embed, embedding_type and class_dropout_prob (-> the UNet's label_dropout) are shared with the DiT.
+    model_channels: int = 128         # base width (channels at multiplier 1)
+    channel_mult: Tuple[int, ...] = (2, 2, 2)  # width multiplier per resolution level (one 2x downsample per level)
+    channel_mult_emb: int = 4         # embedding width = model_channels x this
+    channel_mult_noise: int = 1       # SongUNet time-feature width = model_channels x this (2 for NCSN++)
+    num_blocks: int = 4               # residual blocks per level
+    attn_resolutions: Tuple[int, ...] = (16,)  # resolutions (pixels) with self-attention
+    encoder_type: str = "standard"    # SongUNet encoder: "standard" (DDPM++), "skip" or "residual" (NCSN++)
+    decoder_type: str = "standard"    # SongUNet decoder: "standard" or "skip"
+    resample_filter: Tuple[int, ...] = (1, 1)  # SongUNet up/down FIR: (1, 1) DDPM++, (1, 3, 3, 1) NCSN++
+    channels_last: bool = True        # UNet activations and conv weights channels_last on CUDA (layout only)
 
     def __post_init__(self):
         _choice("noise_schedule", self.noise_schedule, NOISE_SCHEDULES)
         _choice("f_type", self.f_type, F_TYPES)
         _choice("temb_type", self.temb_type, TEMB_TYPES)
-        _choice("arch", self.arch, ("DiT",))
+        _choice("model_type", self.model_type, MODEL_TYPES)
         _choice("embedding_type", self.embedding_type, ("positional", "fourier"))
         _choice("mixed_precision", self.mixed_precision, (None, "bf16", "fp16"))
         if self.f_type == "euler_fm" and self.noise_schedule != "fm":
             raise ValueError("f_type='euler_fm' needs noise_schedule='fm'")
-        if self.hidden_size % self.num_heads:
+        if self.model_type != "DiT":
+            self._check_unet()
+        elif self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}")
-        if self.img_resolution % self.patch_size:
+        elif self.img_resolution % self.patch_size:
             raise ValueError(f"img_resolution={self.img_resolution} must be divisible by patch_size={self.patch_size}")
         if not 0.0 <= self.eps < self.T <= 1.0:
             raise ValueError(f"need 0 <= eps < T <= 1, got eps={self.eps}, T={self.T}")
         if self.label_dim < 0:
             raise ValueError(f"label_dim must be >= 0, got {self.label_dim}")
+
+    def _check_unet(self):
+        _choice("encoder_type", self.encoder_type, ("standard", "skip", "residual"))
+        _choice("decoder_type", self.decoder_type, ("standard", "skip"))
+        for name in ("model_channels", "channel_mult_emb", "channel_mult_noise", "num_blocks"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        for name in ("channel_mult", "resample_filter"):
+            v = getattr(self, name)
+            if not v or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in v):
+                raise ValueError(f"{name} must be a non-empty tuple of positive ints, got {v!r}")
+        if self.img_resolution % (1 << (len(self.channel_mult) - 1)):
+            raise ValueError(f"img_resolution={self.img_resolution} must be divisible by 2^(len(channel_mult) - 1)"
+                             f" = {1 << (len(self.channel_mult) - 1)}")
+        ks = {1, *self.channel_mult}
+        for c in sorted({self.model_channels * k for k in ks | {a + b for a in ks for b in ks}}):
+            if c < 4 or c % min(32, c // 4):  # the UNet's GroupNorm uses min(32, C // 4) groups
+                raise ValueError(f"model_channels={self.model_channels} with channel_mult={self.channel_mult} gives "
+                                 f"a {c}-channel layer that GroupNorm(min(32, C // 4) groups) cannot split evenly")
+        if self.model_type == "DhariwalUNet" and self.embedding_type != "positional":
+            raise ValueError("model_type='DhariwalUNet' has positional time features only (embedding_type)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def dit_config(name: str, **kw) -> ModelConfig:
@@ -234,9 +274,32 @@ def _digits_preset() -> TrainConfig:
 
 
 def _cifar10_preset() -> TrainConfig:
-    # The paper's CIFAR-10 IMM settings on a DiT backbone (the DDPM++ UNet is not implemented yet).
+    # The paper's CIFAR-10 recipe: DDPM++ (SongUNet, 55.7M + the s embedding; the authors'
+    # configs/cifar10_generate_images.yaml), simple_edm + identity, dropout 0.2, a = 1, b = 5, k = 15, eps 0.006,
+    # T 0.994, M = 4, unconditional, x-flips. Batch 4096, lr 1e-4, betas (0.9, 0.999), no weight decay, EMA 0.9999
+    # and 400k steps follow the paper; RAdam (its appendix table, as we read it) is a best guess, as is the
+    # absence of warmup and gradient clipping (not stated).
     return TrainConfig(
         name="cifar10",
+        model=ModelConfig(model_type="SongUNet", img_resolution=32, img_channels=3, label_dim=0,
+                          model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, channel_mult_noise=1,
+                          num_blocks=4, attn_resolutions=(16,), embedding_type="positional",
+                          encoder_type="standard", decoder_type="standard", resample_filter=(1, 1), s_embed=True,
+                          dropout=0.2, noise_schedule="fm", f_type="simple_edm", temb_type="identity",
+                          time_scale=1000.0, eps=0.006, T=0.994, mixed_precision=None),
+        loss=LossConfig(group_size=4, ts_dist="uniform", k=15, a=1, b=5.0, label_dropout=0.0),
+        data=DataConfig(source="cifar10", path="data/cifar-10-batches-py", class_conditional=False, hflip=True),
+        # One grid serves every step count here: "uniform" (1 step: T -> eps as the paper). The paper's 2-step
+        # grid is the middle eta 1.4: `python -m imm_fast sample RUN --steps 2 --grid 1.4`, or grid=(1.4,) in code.
+        sample=SampleConfig(steps=(1, 2), grid="uniform", cfg_scale=None, num_images=64),
+        batch_size=4096, max_steps=400_000, lr=1e-4, optimizer="radam", betas=(0.9, 0.999), weight_decay=0.0,
+        ema_decay=0.9999, sample_every=5000, ckpt_every=10_000, eval_samples=50_000, eval_steps=(1, 2))
+
+
+def _cifar10_dit_preset() -> TrainConfig:
+    # The paper's CIFAR-10 IMM settings on a DiT-B/2 backbone instead of DDPM++ (imm_fast's earlier cifar10).
+    return TrainConfig(
+        name="cifar10-dit",
         model=dit_config("B/2", img_resolution=32, img_channels=3, label_dim=0, f_type="simple_edm",
                          temb_type="identity", dropout=0.2, eps=0.006, T=0.994, mixed_precision=None),
         loss=LossConfig(group_size=4, ts_dist="uniform", k=15, a=1, b=5.0, label_dropout=0.0),
@@ -262,6 +325,7 @@ def _imagenet_preset(size: str) -> TrainConfig:
 PRESETS = {
     "digits": _digits_preset(),
     "cifar10": _cifar10_preset(),
+    "cifar10-dit": _cifar10_dit_preset(),
     "imagenet256": _imagenet_preset("XL"),
     "imagenet256-S": _imagenet_preset("S"),
     "imagenet256-B": _imagenet_preset("B"),
