@@ -347,24 +347,27 @@ def test_channels_last_is_a_cuda_only_layout():
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_cuda_channels_last_bf16_and_compile(name):
-    m = random_unet(**VARIANTS[name])
-    ref = m.cuda()
-    conv = ref.model.enc["32x32_conv"].weight
-    assert conv.is_contiguous(memory_format=torch.channels_last)
-    x, t, s, labels = inputs(m)
+    """channels_last changes layout only; bf16 autocast stays close to fp32; the regionally compiled UNet
+    (DDPM++ only: compiling is slow) gives the eager bf16 result."""
+    ref = random_unet(**VARIANTS[name]).cuda()
+    stem = next(iter(ref.model.enc.values())).weight
+    assert stem.is_contiguous(memory_format=torch.channels_last)
+    x, t, s, labels = inputs(ref)
     x, t, s = x.cuda(), t.cuda(), s.cuda()
     labels = labels.cuda() if labels is not None else None
-    with torch.no_grad():
+    flat = dataclasses.replace(ModelConfig(**VARIANTS[name]), channels_last=False)
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         y32 = ref(x, t, s, class_labels=labels)
-        flat = dataclasses.replace(ModelConfig(**VARIANTS[name]), channels_last=False)
         other = build_model(flat).cuda().eval()
         other.load_state_dict(ref.state_dict())
+        assert next(iter(other.model.enc.values())).weight.is_contiguous()
         torch.testing.assert_close(other(x, t, s, class_labels=labels), y32, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
         bf = build_model(dataclasses.replace(flat, mixed_precision="bf16", channels_last=True)).cuda().eval()
         bf.load_state_dict(ref.state_dict())
-        err = (bf(x, t, s, class_labels=labels) - y32).abs().max().item()
-        assert err < 0.05 * y32.abs().max().item()
-        bf.model.compile_regions("regional")
-        torch.testing.assert_close(bf(x, t, s, class_labels=labels), y32, rtol=0.05, atol=0.05 * y32.abs().max().item())
-    m2 = IMM(**ref.init_kwargs).cuda()
-    assert isinstance(m2.model, (SongUNet, DhariwalUNet))
+        y16 = bf(x, t, s, class_labels=labels)
+        scale = y32.abs().max().item()
+        assert (y16 - y32).abs().max().item() < 0.05 * scale
+        if name == "ddpmpp":
+            bf.model.compile_regions("regional")
+            torch.testing.assert_close(bf(x, t, s, class_labels=labels), y16, rtol=0.02, atol=0.02 * scale)
