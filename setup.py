@@ -74,7 +74,7 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers", "omegaconf"],  # omegaconf: authors-format pickles
         "vae": ["diffusers"],
     },
     entry_points={"console_scripts": ["imm_fast=imm_fast.__main__:main"]},

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import io
 import json
@@ -152,6 +153,11 @@ _SAFE_GLOBALS = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "object"): object,
+    # OmegaConf containers in init kwargs (a config's lists, e.g. channel_mult, stay ListConfig when its network
+    # section is splatted into the constructor): their metadata names these types and builds a defaultdict(dict).
+    ("typing", "Any"): "typing.Any",
+    ("collections", "defaultdict"): collections.defaultdict,
+    **{("builtins", t.__name__): t for t in (list, dict, tuple, int, float, str, bool)},
 }
 for _name in ("_rebuild_tensor_v3", "_rebuild_parameter_with_state"):
     if hasattr(torch._utils, _name):
@@ -169,7 +175,7 @@ def _numpy_globals():
 
 _SAFE_GLOBALS.update(_numpy_globals())
 # Module classes the authors' modules are made of: replaced by inert records, never imported.
-_RECORD_MODULE_PREFIXES = ("torch.nn.modules.", "timm.", "training.", "torch_utils.")
+_RECORD_MODULE_PREFIXES = ("torch.nn.modules.", "timm.", "training.", "torch_utils.", "omegaconf.")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -209,6 +215,28 @@ def _collect_state_dict(obj, prefix="", out=None):
     return out
 
 
+def _plain(value, depth=0):
+    """Init-kwarg values as plain Python: OmegaConf ListConfig/DictConfig records (and their nodes) become lists
+    and dicts of their stored values; everything else is returned as it is."""
+    if depth > 50:
+        raise ValueError("checkpoint init kwargs are nested too deeply")
+    if isinstance(value, _Record) and value._qualname.startswith("omegaconf."):
+        st = _record_state(value)
+        if "_val" in st:  # a value node
+            return _plain(st["_val"], depth + 1)
+        content = st.get("_content")
+        if isinstance(content, dict):
+            return {k: _plain(v, depth + 1) for k, v in content.items()}
+        if isinstance(content, (list, tuple)):
+            return [_plain(v, depth + 1) for v in content]
+        return None  # a None-valued container
+    if isinstance(value, dict):
+        return {k: _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, depth + 1) for v in value)
+    return value
+
+
 def read_official_pickle(path, key="ema"):
     """(init_kwargs, state_dict) of the network stored under `key` in an authors' .pkl, without running its code."""
     with open(path, "rb") as f:
@@ -227,7 +255,7 @@ def read_official_pickle(path, key="ema"):
     if not isinstance(net, _Record):
         raise ValueError(f"entry {key!r} of {path!s} is not a pickled module (got {type(net).__name__})")
     st = _record_state(net)
-    init_kwargs = dict(st.get("_init_kwargs") or {})
+    init_kwargs = {k: _plain(v) for k, v in dict(st.get("_init_kwargs") or {}).items()}
     if st.get("_init_args"):
         raise ValueError(f"{path!s}: positional init args {st['_init_args']!r} are not supported")
     if not init_kwargs:

@@ -221,6 +221,31 @@ def test_loads_authors_pickle_format(tmp_path, monkeypatch, name):
     assert_same_outputs(m, imm_fast.load_official(tmp_path / "again.safetensors"))
 
 
+def test_authors_pickle_with_omegaconf_kwargs(tmp_path, monkeypatch):
+    """The authors build the network from a Hydra/OmegaConf config (`**config.network`), so the init kwargs their
+    persistence records can hold ListConfig/DictConfig objects: the loader reads their values without omegaconf's
+    code (its classes become inert records) and still refuses anything else."""
+    import copy
+
+    omegaconf = pytest.importorskip("omegaconf")
+    m = random_unet(**NCSNPP)
+    kw = authors_kwargs(m)
+    kw["embedding_kwargs"] = {"scale": 0.02}
+    kw["T"] = float(kw["T"])  # YAML numbers are plain floats
+    node = omegaconf.OmegaConf.create({"network": {k: (list(v) if isinstance(v, tuple) else v)
+                                                   for k, v in kw.items()}})
+    stored = copy.deepcopy(dict(**node.network))  # what persistence's copy.deepcopy(kwargs) keeps
+    assert type(stored["channel_mult"]).__name__ == "ListConfig"
+    assert type(stored["embedding_kwargs"]).__name__ == "DictConfig"
+    path = tmp_path / "cifar10.pkl"
+    write_official_pickle(path, m, stored, monkeypatch)
+    monkeypatch.setitem(__import__("sys").modules, "omegaconf", None)  # the loader must not need it
+    loaded = imm_fast.load_official(path)
+    assert loaded.init_kwargs["channel_mult"] == [1, 2] and loaded.init_kwargs["resample_filter"] == [1, 3, 3, 1]
+    assert loaded.init_kwargs["embedding_kwargs"] == {"scale": 0.02}
+    assert_same_outputs(m, loaded)
+
+
 def test_authors_pickle_with_keys_their_unet_ignores(tmp_path, monkeypatch):
     """Their ADM takes **kwargs: SongUNet-only keys in a DhariwalUNet config are ignored, with a warning."""
     m = random_unet(**ADM)
