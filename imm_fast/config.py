@@ -237,7 +237,7 @@ class TrainConfig:
     progress: bool = True             # progress bar on rank 0
     reference: bool = False           # the plain PyTorch path (reference DiT ops, mmd_loss_ref) instead of the
                                       # fused kernels that auto picks on CUDA
-    compile: Optional[str] = None     # torch.compile the DiT: None, "regional" (per block) or "full"
+    compile: Optional[str] = None     # torch.compile the backbone: None, "regional" (per DiT/UNet block) or "full"
     tf32: bool = True                 # TF32 matmuls/convolutions on CUDA (as the authors' code sets)
 
     def __post_init__(self):
