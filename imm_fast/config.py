@@ -378,6 +378,9 @@ def _coerce(cfg, key: str, value):
 
 
 def _apply(cfg: "TrainConfig", flat: dict) -> "TrainConfig":
+    if "model.arch" in flat:  # run configs saved before model_type replaced arch (then always "DiT")
+        flat = dict(flat)
+        flat.setdefault("model.model_type", flat.pop("model.arch"))
     flat = {k: _coerce(cfg, k, v) for k, v in flat.items()}
     # Apply nested keys first so that cross-field checks of TrainConfig see the final sub-configs together.
     return with_overrides(cfg, flat)

@@ -192,6 +192,15 @@ def test_bad_unet_configs_are_refused():
     ModelConfig(**{**DDPMPP, "hidden_size": 100, "num_heads": 7})  # DiT-only fields do not matter for a UNet
 
 
+def test_configs_saved_with_the_old_arch_key_still_load():
+    from imm_fast.config import load_train_config
+
+    c = load_train_config({"preset": "digits", "model": {"arch": "DiT", "depth": 2}})
+    assert (c.model.model_type, c.model.depth) == ("DiT", 2)
+    c = load_train_config({"preset": "cifar10", "model.channel_mult": [1, 2], "model.model_channels": 32})
+    assert (c.model.channel_mult, c.model.model_channels) == ((1, 2), 32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
