@@ -74,7 +74,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers", "huggingface_hub", "tensorboard"],
+        # omegaconf: authors-format pickles store some init kwargs as OmegaConf containers
+        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers", "omegaconf", "huggingface_hub", "tensorboard"],
         "vae": ["diffusers"],
         "hub": ["huggingface_hub"],      # hf:// checkpoints (imm_fast.hub)
         "tensorboard": ["tensorboard"],  # log.tensorboard=true

@@ -13,6 +13,10 @@ extra_info: images_per_s (N / seconds per sample() call), steps, nfe (network ca
 peak_mem_gb (GiB above what was allocated before the timed calls: the model and its graphs are excluded).
 VAE decode (sd-vae-ft-ema architecture, random weights): needs diffusers, else it skips with a message.
 
+UNet (test_sample_unet_*): the cifar10 preset's DDPM++ (random weights), unconditional RGB 32x32, 1 step and the
+paper's 2-step grid (middle eta 1.4), under the wrapper's bf16 autocast with channels_last on CUDA. Providers: eager
+(cuda_graph=False) and graph (cuda_graph=True). GPU batches 128 and 512; CPU: a narrow two-level copy, batch 8.
+
     pytest benchmarks/bench_sample.py -k cpu                     # CPU tier (runs here)
     IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_sample.py -k gpu   # on a CUDA machine: batch 64 only
 """
@@ -25,7 +29,9 @@ import os
 import pytest
 import torch
 
-from imm_fast.config import ModelConfig, dit_config
+import dataclasses
+
+from imm_fast.config import PRESETS, ModelConfig, dit_config
 from imm_fast.models import build_model
 from imm_fast.sampling import clear_graph_cache, graph_cache_info, sample
 
@@ -38,6 +44,9 @@ GPU_BATCHES = (64,) if QUICK else (64, 256)
 CPU_BATCH = 16
 CPU_STEPS = (1, 4)
 CPU_THREADS = 2
+UNET_PROVIDERS = ("eager", "graph")
+UNET_GRIDS = {1: "uniform", 2: (1.4,)}  # the paper's CIFAR-10 samplers
+UNET_GPU_BATCHES = (128, 512)
 
 
 def model_config(name, device):
@@ -61,12 +70,59 @@ def get_model(name, device, seed=0):
     return model.eval()
 
 
+@functools.lru_cache(maxsize=2)
+def get_unet(name, device, seed=0):
+    """The cifar10 preset's DDPM++ ("ddpmpp") or a narrow copy ("ddpmpp-tiny"), eval mode, on the device."""
+    cfg = PRESETS["cifar10"].model
+    if name == "ddpmpp-tiny":
+        cfg = dataclasses.replace(cfg, model_channels=16, channel_mult=(1, 2), num_blocks=1)
+    cfg = dataclasses.replace(cfg, mixed_precision="bf16" if device == "cuda" else None)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = build_model(cfg)
+    return model.to(device).eval()  # .to(): channels_last conv weights on CUDA
+
+
+def run_unet_bench(benchmark, name, batch, steps, provider, device, rounds):
+    if provider not in UNET_PROVIDERS:
+        raise ValueError(f"provider={provider!r} is not one of {UNET_PROVIDERS}")
+    model = get_unet(name, device)
+    grid = UNET_GRIDS[steps]
+    noise = torch.randn(batch, 3, 32, 32, device=device, generator=torch.Generator(device=device).manual_seed(0))
+    noise = noise * model.sigma_data  # (N, 3, 32, 32)
+
+    def step():
+        out = sample(model, noise, steps=steps, grid=grid, cuda_graph=provider == "graph")
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"sample-{name}-b{batch}-steps{steps}"
+    if not benchmark.disabled:
+        step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    out = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.disabled:
+        assert out.shape[0] == batch and bool(torch.isfinite(out).all()), f"{provider}: non-finite sample"
+        return
+    t = benchmark.stats.stats.mean
+    benchmark.extra_info.update(model=name, provider=provider, batch=batch, steps=steps, nfe=steps,
+                                grid=str(grid), images_per_s=batch / t, threads=torch.get_num_threads())
+    if provider == "graph":
+        benchmark.extra_info["graph_used"] = graph_cache_info(model)["graphs"] > 0
+    if device == "cuda":
+        benchmark.extra_info["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _release_models():
     """Free the shared models and their graphs after this file, before other benchmark files measure memory."""
     yield
     clear_graph_cache()
     get_model.cache_clear()
+    get_unet.cache_clear()
     gc.collect()
     if CUDA:
         torch.cuda.empty_cache()
@@ -165,3 +221,22 @@ def test_vae_decode_gpu(benchmark, batch):
     if benchmark.disabled:
         return
     benchmark.extra_info.update(provider="reference", batch=batch, images_per_s=batch / benchmark.stats.stats.mean)
+
+
+@pytest.mark.parametrize("steps", (1, 2))
+def test_sample_unet_cpu(benchmark, steps):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        run_unet_bench(benchmark, "ddpmpp-tiny", 8, steps, "eager", "cpu", rounds=3)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("steps", (1, 2))
+@pytest.mark.parametrize("provider", UNET_PROVIDERS)
+@pytest.mark.parametrize("batch", UNET_GPU_BATCHES, ids=lambda b: f"b{b}")
+def test_sample_unet_gpu(benchmark, batch, provider, steps):
+    run_unet_bench(benchmark, "ddpmpp", batch, steps, provider, "cuda", rounds=3)

@@ -22,6 +22,11 @@ Environment:
   IMM_FAST_BENCH_COMPILE=off      skip the +compile providers (the cheapest device run).
 XL/2 at b128/b256 may not fit with fp32 AdamW states; such cases skip with the OOM message.
 
+UNet (the paper's CIFAR-10 DDPM++, tests in test_train_step_unet_*): RGB 32x32, unconditional, the cifar10 preset's
+loss (simple_edm, identity, k = 15, a = 1, b = 5, M = 4), dropout 0.2, channels_last + bf16 autocast on CUDA.
+Providers: eager (the UNet as is) and compile (compile_regions(IMM_FAST_BENCH_COMPILE): every UNetBlock), both with
+the auto MMD backend. GPU: DDPM++ (55.7M + s embedding) at batch 128 / 256 / 512; CPU: width 16, two levels, b8.
+
     pytest benchmarks/bench_train_step.py -k cpu                    # CPU tier (runs here)
     IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_train_step.py -k gpu  # on a CUDA machine
 """
@@ -35,7 +40,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from imm_fast.config import LossConfig, ModelConfig, dit_config
+import dataclasses
+
+from imm_fast.config import PRESETS, LossConfig, ModelConfig, dit_config
 from imm_fast.loss import imm_loss
 from imm_fast.models import build_model
 
@@ -48,6 +55,9 @@ LABEL_DIM = 1000
 GPU_CASES = ([("S/2", 256), ("XL/2", 64), ("XL/2", 128)] if QUICK else
              [(m, b) for m in ("S/2", "B/2", "XL/2") for b in (64, 128, 256)])
 CPU_CASES = [("tiny", 16)]
+UNET_PROVIDERS = ("eager", "compile")
+UNET_GPU_CASES = [("ddpmpp", 128), ("ddpmpp", 512)] if QUICK else [("ddpmpp", b) for b in (128, 256, 512)]
+UNET_CPU_CASES = [("ddpmpp-tiny", 8)]
 CPU_THREADS = 2
 
 
@@ -108,6 +118,48 @@ def make_train_step(name, batch, provider, device, seed=0):
     return step, model, info
 
 
+def unet_config(name, device):
+    """The cifar10 preset's DDPM++ ("ddpmpp") or a narrow two-level copy ("ddpmpp-tiny"); bf16 autocast on CUDA."""
+    cfg = PRESETS["cifar10"].model
+    if name == "ddpmpp-tiny":
+        cfg = dataclasses.replace(cfg, model_channels=16, channel_mult=(1, 2), num_blocks=1)
+    elif name != "ddpmpp":
+        raise ValueError(f"UNet bench name={name!r} is not one of ('ddpmpp', 'ddpmpp-tiny')")
+    return dataclasses.replace(cfg, mixed_precision="bf16" if device == "cuda" else None)
+
+
+def make_unet_train_step(name, batch, provider, device, seed=0):
+    """(step, model, info) for the DDPM++ UNet: the cifar10 preset's loss, unconditional, no labels."""
+    if provider not in UNET_PROVIDERS:
+        raise ValueError(f"provider={provider!r} is not one of {UNET_PROVIDERS}")
+    cfg = unet_config(name, device)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = build_model(cfg)
+    model.to(device).train()  # .to(): conv weights become channels_last on CUDA
+    if provider == "compile":
+        model.model.compile_regions(COMPILE_MODE)
+    loss_cfg = dataclasses.replace(PRESETS["cifar10"].loss, group_size=M)
+    opt = torch.optim.RAdam(model.parameters(), lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(batch, 3, 32, 32, device=device, generator=gen) * cfg.sigma_data  # (B, 3, 32, 32)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
+
+    def step():
+        with autocast():
+            out = imm_loss(model, x, None, loss_cfg)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out.loss.detach()
+
+    info = dict(model=name, batch=batch, provider=provider, M=M, params_m=sum(p.numel() for p in model.parameters())
+                / 1e6, compile_mode=COMPILE_MODE if provider == "compile" else "none")
+    return step, model, info
+
+
 def _free(device):
     gc.collect()
     if device == "cuda":
@@ -116,15 +168,17 @@ def _free(device):
 
 def run_bench(benchmark, name, batch, provider, device, rounds, warmup_steps):
     benchmark.group = f"train_step-{name.replace('/', '')}-b{batch}"
-    if provider.endswith("+compile"):
+    if provider.endswith("compile"):
         torch._dynamo.reset()  # fresh compile caches per case: no recompile-limit fallbacks across cases
     _free(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()  # left by earlier tests, not this step's
     oom = None
+    compiled = provider.endswith("compile")
     try:
-        step, model, info = make_train_step(name, batch, provider, device)
+        make = make_unet_train_step if name.startswith("ddpmpp") else make_train_step
+        step, model, info = make(name, batch, provider, device)
         for _ in range(0 if benchmark.disabled else warmup_steps):  # AdamW states, Triton autotune, compile
             step()
         loss = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
@@ -147,7 +201,7 @@ def run_bench(benchmark, name, batch, provider, device, rounds, warmup_steps):
         info["peak_mem_gb"] = (torch.cuda.max_memory_allocated() - base) / 2**30
     benchmark.extra_info.update(info)
     del step, model
-    if provider.endswith("+compile"):
+    if compiled:
         torch._dynamo.reset()  # compiled code keeps references to this model's modules
     _free(device)
 
@@ -174,3 +228,23 @@ def test_train_step_gpu(benchmark, case, provider):
     if compiled and COMPILE_MODE == "off":
         pytest.skip("IMM_FAST_BENCH_COMPILE=off")
     run_bench(benchmark, name, batch, provider, "cuda", rounds=3 if big else 5, warmup_steps=2 if compiled else 1)
+
+
+@pytest.mark.parametrize("case", UNET_CPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
+def test_train_step_unet_cpu(benchmark, case):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(CPU_THREADS)
+    try:
+        run_bench(benchmark, case[0], case[1], "eager", "cpu", rounds=3, warmup_steps=1)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("provider", UNET_PROVIDERS)
+@pytest.mark.parametrize("case", UNET_GPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
+def test_train_step_unet_gpu(benchmark, case, provider):
+    if provider == "compile" and COMPILE_MODE == "off":
+        pytest.skip("IMM_FAST_BENCH_COMPILE=off")
+    run_bench(benchmark, case[0], case[1], provider, "cuda", rounds=5, warmup_steps=2 if provider == "compile" else 1)

@@ -94,8 +94,13 @@ def _cmd_sample(args):
         raise ValueError(f"--steps {args.steps}: the number of sampling steps must be >= 1")
     if args.cfg_scale is not None and not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
         raise ValueError(f"--cfg-scale {args.cfg_scale}: the guidance weight must be a finite number >= 0")
-    if args.grid not in GRIDS:
-        raise ValueError(f"--grid {args.grid!r} is not one of {GRIDS}")
+    grid = args.grid
+    if grid not in GRIDS:  # middle eta values, e.g. "1.4" (the paper's CIFAR-10 2-step grid)
+        try:
+            grid = tuple(float(v) for v in grid.split(","))
+        except ValueError:
+            raise ValueError(f"--grid {args.grid!r} is not one of {GRIDS} nor comma-separated middle eta values "
+                             "such as 1.4") from None
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{str(out)!r} exists; pass --overwrite or choose another --out")
@@ -108,7 +113,7 @@ def _cmd_sample(args):
         labels = torch.tensor(args.labels) if args.labels else torch.arange(args.num) % model.label_dim
         if len(labels) != args.num:
             labels = labels.repeat(args.num // len(labels) + 1)[: args.num]
-    x = sample(model, noise.to(args.device), args.steps, args.sampler, args.grid, labels,
+    x = sample(model, noise.to(args.device), args.steps, args.sampler, grid, labels,
                args.cfg_scale if model.label_dim else None).float()
     if args.vae:
         from .vae import decode_latents, load_vae
@@ -132,7 +137,8 @@ def build_parser():
     sub = p.add_subparsers(dest="command")
     t = sub.add_parser("train", help="train a model (default: the digits preset on the CPU)",
                        epilog="Every config key, its default and meaning: python -m imm_fast config [--preset NAME]")
-    t.add_argument("--preset", help="a preset name: digits (default), cifar10, imagenet256, imagenet256-S/B/L")
+    t.add_argument("--preset", help="a preset name: digits (default), cifar10 (DDPM++), cifar10-dit, "
+                                    "imagenet256, imagenet256-S/B/L")
     t.add_argument("--config", help="a YAML or JSON config file (may name a base with `preset:`)")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=200 model.depth=4")
     t.set_defaults(fn=_cmd_train)
@@ -157,7 +163,8 @@ def build_parser():
     s.add_argument("--cfg-scale", type=float, default=None)
     s.add_argument("--labels", type=int, nargs="*", help="class ids (cycled); default 0..label_dim-1 cycled")
     s.add_argument("--sampler", default="pushforward", choices=("pushforward", "restart"))
-    s.add_argument("--grid", default="uniform", help="uniform or edm (the time grid)")
+    s.add_argument("--grid", default="uniform",
+                   help="uniform, edm, or comma-separated middle eta values (then --steps is ignored), e.g. 1.4")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--vae", help="decode latents with this local AutoencoderKL folder")

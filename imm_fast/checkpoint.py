@@ -9,7 +9,8 @@
 - an imm_fast safetensors file (`save_model`), or a run checkpoint directory holding ema.safetensors or
   model.safetensors;
 - a plain state dict (.pt/.pth/.safetensors, with or without the `model.` prefix); its architecture is inferred
-  from the tensor shapes, the IMM settings from `model_kwargs` (default: the ImageNet euler_fm/stride settings).
+  from the tensor shapes, the IMM settings from `model_kwargs` (default: the ImageNet euler_fm/stride settings for
+  a DiT, the CIFAR-10 simple_edm/identity ones for a UNet).
 
 Training state (the end of this file): `save_checkpoint` writes checkpoints/step-<7-digit step>/ into a temporary
 sibling with a manifest (sizes + sha256) written LAST, renames it into place, then updates `latest`;
@@ -19,6 +20,7 @@ verified checkpoint, `latest` followed only to a name inside checkpoints/, any f
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import io
 import json
@@ -53,7 +55,8 @@ ZIP_EXPANSION = 4
 ZIP_SLACK = 1 << 20
 MAX_PICKLE_DEPTH = 200  # nesting of modules in an authors' pickle (a DiT is about 6 deep)
 MODEL_CAPS = {"depth": 1024, "hidden_size": 65536, "num_heads": 4096, "img_resolution": 16384,
-              "img_channels": 1024, "label_dim": 1_000_000, "patch_size": 1024, "mlp_ratio": 256.0}
+              "img_channels": 1024, "label_dim": 1_000_000, "patch_size": 1024, "mlp_ratio": 256.0,
+              "model_channels": 65536, "num_blocks": 1024, "channel_mult_emb": 256, "channel_mult_noise": 256}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -185,6 +188,11 @@ _SAFE_GLOBALS = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "object"): object,
+    # OmegaConf containers in init kwargs (a config's lists, e.g. channel_mult, stay ListConfig when its network
+    # section is splatted into the constructor): their metadata names these types and builds a defaultdict(dict).
+    ("typing", "Any"): "typing.Any",
+    ("collections", "defaultdict"): collections.defaultdict,
+    **{("builtins", t.__name__): t for t in (list, dict, tuple, int, float, str, bool)},
 }
 for _name in ("_rebuild_tensor_v3", "_rebuild_parameter_with_state"):
     if hasattr(torch._utils, _name):
@@ -202,7 +210,7 @@ def _numpy_globals():
 
 _SAFE_GLOBALS.update(_numpy_globals())
 # Module classes the authors' modules are made of: replaced by inert records, never imported.
-_RECORD_MODULE_PREFIXES = ("torch.nn.modules.", "timm.", "training.", "torch_utils.")
+_RECORD_MODULE_PREFIXES = ("torch.nn.modules.", "timm.", "training.", "torch_utils.", "omegaconf.")
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -257,6 +265,28 @@ class _LegacyTorchFile(CheckpointError):
     """The pickle is torch's legacy (pre-1.6) serialization: load_official reads it with torch.load instead."""
 
 
+def _plain(value, depth=0):
+    """Init-kwarg values as plain Python: OmegaConf ListConfig/DictConfig records (and their nodes) become lists
+    and dicts of their stored values; everything else is returned as it is."""
+    if depth > 50:
+        raise ValueError("checkpoint init kwargs are nested too deeply")
+    if isinstance(value, _Record) and value._qualname.startswith("omegaconf."):
+        st = _record_state(value)
+        if "_val" in st:  # a value node
+            return _plain(st["_val"], depth + 1)
+        content = st.get("_content")
+        if isinstance(content, dict):
+            return {k: _plain(v, depth + 1) for k, v in content.items()}
+        if isinstance(content, (list, tuple)):
+            return [_plain(v, depth + 1) for v in content]
+        return None  # a None-valued container
+    if isinstance(value, dict):
+        return {k: _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v, depth + 1) for v in value)
+    return value
+
+
 def read_official_pickle(path, key="ema"):
     """(init_kwargs, state_dict) of the network stored under `key` in an authors' .pkl, without running its code."""
     with open(path, "rb") as f:
@@ -295,16 +325,24 @@ def read_official_pickle(path, key="ema"):
                               f"{type(init_kwargs).__name__}")
     sd = _collect_state_dict(net, source=path)
     _check_tensor_bytes(sd, path, os.path.getsize(path))
-    return dict(init_kwargs), sd
+    try:  # OmegaConf containers (the authors' Hydra configs) as plain lists and dicts
+        init_kwargs = {k: _plain(v) for k, v in init_kwargs.items()}
+    except ValueError as e:
+        raise CheckpointError(f"{str(path)!r}: field '_init_kwargs' of {key!r}: {e}") from None
+    return init_kwargs, sd
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Building models from (init kwargs, state dict)
 # --------------------------------------------------------------------------------------------------------------
-def _dit_parameters():
+def _backbone_parameters(model_type):
+    """Constructor keywords of the backbone that model_type names (the DiT also takes 'skip', unused)."""
     from .models.dit import DiT
+    from .models.unet import UNET_TYPES
 
-    return set(inspect.signature(DiT.__init__).parameters) - {"self"}
+    cls = UNET_TYPES.get(model_type, DiT)
+    extra = set() if model_type in UNET_TYPES else {"skip"}
+    return (set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}) | extra
 
 
 def _imm_parameters():
@@ -350,8 +388,8 @@ def _check_model_kwargs(kwargs, source="the checkpoint", state_dict=None):
 def build_from_kwargs(init_kwargs, state_dict, device="cpu", fused=None, source="the checkpoint"):
     """An IMM model from stored constructor kwargs, loaded with `state_dict` (strict), in eval mode.
 
-    Keys the reference DiT accepts but ignores (it takes **kwargs) are dropped with a warning. source: the file,
-    named in every error.
+    Keys the authors' backbone accepts but ignores (it takes **kwargs) are dropped with a warning. source: the
+    file, named in every error.
     """
     from .models.imm import IMM
 
@@ -365,15 +403,18 @@ def build_from_kwargs(init_kwargs, state_dict, device="cpu", fused=None, source=
     missing_required = [k for k in ("img_resolution", "img_channels") if k not in kw]
     if missing_required:
         raise CheckpointError(f"{src!r}: init_kwargs lack {missing_required} (they have {sorted(kw)})")
-    allowed = _imm_parameters() | _dit_parameters() | {"skip"}
+    model_type = kw.get("model_type", "DiT")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{src!r}: init_kwargs.model_type must be a string, got {type(model_type).__name__}")
+    allowed = _imm_parameters() | _backbone_parameters(model_type)
+    for k in ("in_channels", "out_channels"):  # the wrapper passes img_channels for both
+        kw.pop(k, None)
     ignored = sorted(k for k in kw if k not in allowed)
     for k in ignored:
         kw.pop(k)
-    for k in ("in_channels", "out_channels"):  # the wrapper passes img_channels for both
-        kw.pop(k, None)
     if ignored:
-        warnings.warn(f"checkpoint init kwargs ignored (the reference DiT ignores them too): {ignored}")
-    if fused is not None:
+        warnings.warn(f"checkpoint init kwargs ignored (the authors' {model_type} ignores them too): {ignored}")
+    if fused is not None and "fused" in allowed:  # the DiT's switch; the UNets have no fused path
         kw["fused"] = fused
     if isinstance(kw.get("embedding_kwargs"), dict):
         kw["embedding_kwargs"] = dict(kw["embedding_kwargs"])
@@ -397,10 +438,16 @@ _HEADS = {384: 6, 768: 12, 1024: 16, 1152: 16}  # the DiT paper's widths (S, B, 
 
 
 def infer_model_kwargs(state_dict, num_heads=None, source="the state dict"):
-    """DiT architecture from a state dict's shapes. Heads: `num_heads` if given, else hidden / head_dim when qk-norm
-    weights store head_dim, else the DiT paper's table for its widths; any other width needs num_heads given."""
+    """Backbone architecture from a state dict's shapes: a UNet (model.enc.* keys) or a DiT. DiT heads: `num_heads`
+    if given, else hidden / head_dim when qk-norm weights store head_dim, else the DiT paper's table for its widths;
+    any other width needs num_heads given."""
     sd = state_dict
     src = str(source)
+    if any(k.startswith("model.enc.") for k in sd):
+        try:
+            return _infer_unet_kwargs(sd)
+        except (KeyError, StopIteration, IndexError, ValueError) as e:
+            raise CheckpointError(f"{src!r} is not an IMM UNet state dict ({type(e).__name__}: {e})") from None
     try:
         w = sd["model.x_embedder.proj.weight"]  # (C, Cin, p, p)
         hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
@@ -427,6 +474,53 @@ def infer_model_kwargs(state_dict, num_heads=None, source="the state dict"):
                 s_embed="model.s_embedder.mlp.0.weight" in sd, qk_norm=q_norm is not None)
 
 
+def _infer_unet_kwargs(sd):
+    """SongUNet / DhariwalUNet constructor kwargs from the names and shapes of a state dict (model. prefix)."""
+    import re
+
+    song = not any(k.startswith("model.out_conv.") for k in sd)
+    enc = {}  # resolution -> {block index: out channels}
+    attn = set()
+    for k, v in sd.items():
+        m = re.match(r"model\.enc\.(\d+)x\d+_block(\d+)\.conv1\.weight$", k)
+        if m:
+            enc.setdefault(int(m[1]), {})[int(m[2])] = v.shape[0]
+        m = re.match(r"model\.enc\.(\d+)x\d+_block\d+\.qkv\.weight$", k)
+        if m:
+            attn.add(int(m[1]))
+    if not enc:
+        raise KeyError("model.enc.<R>x<R>_block0.conv1.weight")
+    conv = next(k for k in sd if re.match(r"model\.enc\.\d+x\d+_conv\.weight$", k))
+    res = int(conv.split(".")[2].split("x")[0])
+    in_ch = sd[conv].shape[1]
+    noise_ch = sd["model.map_layer0.weight"].shape[1]
+    emb_ch = sd["model.map_layer0.weight"].shape[0]
+    mc = sd[conv].shape[0] if song else noise_ch  # Song: the stem conv is model_channels wide; ADM: the features
+    levels = sorted(enc, reverse=True)
+    label_key = "model.map_label.weight"
+    kw = dict(img_resolution=res, img_channels=in_ch, model_type="SongUNet" if song else "DhariwalUNet",
+              label_dim=sd[label_key].shape[1] if label_key in sd else 0, model_channels=mc,
+              channel_mult=[enc[r][0] // mc for r in levels], channel_mult_emb=emb_ch // mc,
+              num_blocks=len(enc[levels[0]]), attn_resolutions=sorted(attn, reverse=True),
+              s_embed="model.map_layer0_s.weight" in sd)
+    if "model.map_augment.weight" in sd:
+        kw["augment_dim"] = sd["model.map_augment.weight"].shape[1]
+    if song:
+        f = next((v for k, v in sd.items() if k.endswith("resample_filter")), None)
+        taps = [1, 1]
+        if f is not None:  # f = outer(f1, f1) / sum(f1)^2: its diagonal's square root is f1 / sum(f1)
+            f1 = f.reshape(f.shape[-2], f.shape[-1]).diagonal().double().sqrt()
+            taps = [int(round(v)) for v in (f1 / f1.min()).tolist()]
+        kw.update(embedding_type="fourier" if "model.map_noise.freqs" in sd else "positional",
+                  channel_mult_noise=noise_ch // mc, resample_filter=taps,
+                  encoder_type="residual" if any("_aux_residual" in k for k in sd) else
+                  "skip" if any("_aux_skip" in k for k in sd) else "standard",
+                  decoder_type="skip" if sum(k.endswith("_aux_conv.weight") for k in sd) > 1 else "standard")
+    return kw
+
+
+_CIFAR_DEFAULTS = dict(noise_schedule="fm", f_type="simple_edm", temb_type="identity", sigma_data=0.5, T=0.994,
+                       eps=0.006, time_scale=1000.0)
 _IMAGENET_DEFAULTS = dict(noise_schedule="fm", f_type="euler_fm", temb_type="stride", sigma_data=0.5, T=0.994,
                           eps=0.0, time_scale=1000.0)
 
@@ -453,8 +547,9 @@ def load_official(path, device="cpu", key="ema", fused=None, model_kwargs=None):
     .safetensors file; a run checkpoint directory (ema.safetensors preferred, else model.safetensors; a run folder
     uses its newest verified checkpoint); or a plain state dict file (torch.save, legacy torch.save or
     safetensors). key: which network of an authors' pickle ('ema'). fused: override the DiT's fused switch.
-    model_kwargs: IMM/DiT settings for plain state dicts (their architecture is inferred from shapes; num_heads
-    must be given when the shapes do not determine it). Errors name the file and the field.
+    model_kwargs: IMM/backbone settings for plain state dicts (their architecture is inferred from shapes; num_heads
+    must be given when the shapes do not determine it; the IMM settings default to the paper's ImageNet ones for a
+    DiT, its CIFAR-10 ones for a UNet). Errors name the file and the field.
     """
     from .hub import missing_file_hint, resolve
 
@@ -515,7 +610,9 @@ def _from_plain_state_dict(sd, device, fused, model_kwargs, source="the state di
         raise TypeError(f"model_kwargs must be a dict, got {type(model_kwargs).__name__}")
     sd = _with_prefix(sd)
     model_kwargs = dict(model_kwargs or {})
-    kw = {**_IMAGENET_DEFAULTS, **infer_model_kwargs(sd, model_kwargs.get("num_heads"), source)}
+    arch = infer_model_kwargs(sd, model_kwargs.get("num_heads"), source)
+    # Settings the shapes cannot tell: the paper's CIFAR-10 ones for a UNet, the ImageNet ones for a DiT.
+    kw = {**(_IMAGENET_DEFAULTS if arch.get("model_type", "DiT") == "DiT" else _CIFAR_DEFAULTS), **arch}
     kw.update(model_kwargs)
     return build_from_kwargs(kw, sd, device, fused, source=source)
 

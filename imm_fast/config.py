@@ -33,11 +33,13 @@ DIT_SIZES = {  # name -> (hidden_size, depth, num_heads), as in the DiT paper
     "L": (1024, 24, 16),
     "XL": (1152, 28, 16),
 }
-ARCHS = ("DiT",)                                  # backbone families
+MODEL_TYPES = ("DiT", "SongUNet", "DhariwalUNet")  # backbones, as the authors name their classes (models/)
 NOISE_SCHEDULES = ("fm", "vp_cosine")             # interpolants (schedule.py)
 F_TYPES = ("euler_fm", "simple_edm", "identity")  # output functions (models/imm.py, schedule.c_skip_out)
 TEMB_TYPES = ("identity", "stride")               # second time input of the backbone: s or t - s
-EMBEDDING_TYPES = ("positional", "fourier")       # time features of the DiT
+EMBEDDING_TYPES = ("positional", "fourier")       # time features of the backbone
+ENCODER_TYPES = ("standard", "skip", "residual")  # SongUNet encoders (DDPM++: standard; NCSN++: residual)
+DECODER_TYPES = ("standard", "skip")              # SongUNet decoders
 PRECISIONS = (None, "bf16", "fp16")               # autocast dtypes: ModelConfig.mixed_precision, TrainConfig.amp
 TS_DISTS = ("uniform", "lognormal")               # (s, t) distributions of the loss
 KERNELS = ("laplace", "rbf")                      # MMD kernels
@@ -48,7 +50,7 @@ GRIDS = ("uniform", "edm")                        # named time grids (sampling.t
 DATA_SOURCES = ("digits", "cifar10", "folder", "array", "latents")
 SPLITS = ("train", "test", "all")
 OPTIMIZERS = ("adamw", "radam")
-COMPILE_MODES = (None, "regional", "full")        # torch.compile of the DiT
+COMPILE_MODES = (None, "regional", "full")        # torch.compile of the backbone
 DEVICES = ("auto", "cpu", "cuda", "cuda:<index>")
 SEED_MAX = 2**32 - 1                              # numpy's seed range
 
@@ -272,16 +274,18 @@ class ModelConfig:
     img_resolution: int = spec(32, ge=1)   # input side length (pixels or latent cells)
     img_channels: int = spec(4, ge=1)      # input channels (4 for SD-VAE latents, 3 for RGB)
     label_dim: int = spec(1000, ge=0)      # number of classes; 0 = unconditional
-    arch: str = spec("DiT", choices=ARCHS)  # backbone family (only DiT for now)
+    model_type: str = spec("DiT", choices=MODEL_TYPES)  # backbone, the authors' class name: "DiT", "SongUNet"
+                                           # (DDPM++/NCSN++) or "DhariwalUNet" (ADM); the DiT fields: "DiT" only
     patch_size: int = spec(2, ge=1)        # DiT patch side
     hidden_size: int = spec(1152, ge=1)    # DiT width C
     depth: int = spec(28, ge=1)            # number of DiT blocks
     num_heads: int = spec(16, ge=1)        # attention heads H (head dim = hidden_size / num_heads)
     mlp_ratio: float = spec(4.0, gt=0)     # MLP hidden width / hidden_size
     qk_norm: bool = False                  # LayerNorm on q and k (timm's qk_norm)
-    dropout: float = spec(0.0, ge=0, lt=1)  # dropout inside the MLP (shared by student and target through the RNG)
-    class_dropout_prob: float = spec(0.0, ge=0, lt=1)  # label dropout inside the DiT (kept 0: IMM drops labels
-                                           # in the loss)
+    dropout: float = spec(0.0, ge=0, lt=1)  # dropout in the DiT MLP / UNet blocks (shared by student and target
+                                           # through the RNG state)
+    class_dropout_prob: float = spec(0.0, ge=0, lt=1)  # label dropout inside the backbone (kept 0: IMM drops
+                                           # labels in the loss)
     s_embed: bool = True                   # second time embedder (s or t-s)
     embedding_type: str = spec("positional", choices=EMBEDDING_TYPES)  # time features: sinusoidal or Fourier
     noise_schedule: str = spec("fm", choices=NOISE_SCHEDULES)  # interpolant: "fm" (OT-FM) or "vp_cosine"
@@ -293,16 +297,49 @@ class ModelConfig:
     eps: float = spec(0.0, ge=0, lt=1)     # smallest time eps_t (< T)
     mixed_precision: Optional[str] = spec(None, choices=PRECISIONS)  # network autocast on CUDA: None, bf16, fp16
     fused: Optional[bool] = None           # fused kernels in the DiT: None = auto (CUDA with triton), True, False
+    # UNet fields ("SongUNet"/"DhariwalUNet"; the authors' names and their CIFAR-10 DDPM++ values as defaults).
+    # dropout, s_embed, embedding_type and class_dropout_prob (-> the UNet's label_dropout) are shared with the DiT.
+    model_channels: int = spec(128, ge=1)  # base width (channels at multiplier 1)
+    channel_mult: Tuple[int, ...] = spec((2, 2, 2), ge=1, min_len=1)  # width multiplier per resolution level (one
+                                           # 2x downsample per level)
+    channel_mult_emb: int = spec(4, ge=1)  # embedding width = model_channels x this
+    channel_mult_noise: int = spec(1, ge=1)  # SongUNet time-feature width = model_channels x this (2 for NCSN++)
+    num_blocks: int = spec(4, ge=1)        # residual blocks per level
+    attn_resolutions: Tuple[int, ...] = spec((16,), ge=1)  # resolutions (pixels) with self-attention
+    encoder_type: str = spec("standard", choices=ENCODER_TYPES)  # SongUNet encoder: "standard" (DDPM++), "skip" or
+                                           # "residual" (NCSN++)
+    decoder_type: str = spec("standard", choices=DECODER_TYPES)  # SongUNet decoder: "standard" or "skip"
+    resample_filter: Tuple[int, ...] = spec((1, 1), ge=1, min_len=1)  # SongUNet up/down FIR: (1, 1) DDPM++,
+                                           # (1, 3, 3, 1) NCSN++
+    channels_last: bool = True             # UNet activations and conv weights channels_last on CUDA (layout only)
 
     def __post_init__(self):
         _validate(self)
         check_imm_settings(dataclasses.asdict(self), self._section)
-        if self.hidden_size % self.num_heads:
+        if self.model_type != "DiT":
+            self._check_unet()
+        elif self.hidden_size % self.num_heads:
             raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
                               f"model.num_heads={self.num_heads}")
-        if self.img_resolution % self.patch_size:
+        elif self.img_resolution % self.patch_size:
             raise ConfigError(f"model.img_resolution={self.img_resolution} must be divisible by "
                               f"model.patch_size={self.patch_size}")
+
+    def _check_unet(self):
+        """Rules between the UNet fields (types, ranges and choices are the fields' own specs)."""
+        levels = 1 << (len(self.channel_mult) - 1)
+        if self.img_resolution % levels:
+            raise ConfigError(f"model.img_resolution={self.img_resolution} must be divisible by 2^(len(model."
+                              f"channel_mult) - 1) = {levels}")
+        ks = {1, *self.channel_mult}
+        for c in sorted({self.model_channels * k for k in ks | {a + b for a in ks for b in ks}}):
+            if c < 4 or c % min(32, c // 4):  # the UNet's GroupNorm uses min(32, C // 4) groups
+                raise ConfigError(f"model.model_channels={self.model_channels} with model.channel_mult="
+                                  f"{list(self.channel_mult)} gives a {c}-channel layer that GroupNorm(min(32, C // 4) "
+                                  "groups) cannot split evenly")
+        if self.model_type == "DhariwalUNet" and self.embedding_type != "positional":
+            raise ConfigError(f"model.embedding_type={self.embedding_type!r}: model_type='DhariwalUNet' has "
+                              "positional time features only")
 
 
 def dit_config(name: str, **kw) -> ModelConfig:
@@ -453,8 +490,8 @@ class TrainConfig:
     progress: bool = True             # progress bar on rank 0
     reference: bool = False           # the plain PyTorch path (reference DiT ops, mmd_loss_ref) instead of the
                                       # fused kernels that auto picks on CUDA
-    compile: Optional[str] = spec(None, choices=COMPILE_MODES)  # torch.compile the DiT: None, "regional" (per
-                                      # block) or "full"
+    compile: Optional[str] = spec(None, choices=COMPILE_MODES)  # torch.compile the backbone: None, "regional"
+                                      # (per DiT/UNet block) or "full"
     tf32: bool = True                 # TF32 matmuls/convolutions on CUDA (as the authors' code sets)
 
     def __post_init__(self):
@@ -490,9 +527,32 @@ def _digits_preset() -> TrainConfig:
 
 
 def _cifar10_preset() -> TrainConfig:
-    # The paper's CIFAR-10 IMM settings on a DiT backbone (the DDPM++ UNet is not implemented yet).
+    # The paper's CIFAR-10 recipe: DDPM++ (SongUNet, 55.7M + the s embedding; the authors'
+    # configs/cifar10_generate_images.yaml), simple_edm + identity, dropout 0.2, a = 1, b = 5, k = 15, eps 0.006,
+    # T 0.994, M = 4, unconditional, x-flips. Batch 4096, lr 1e-4, betas (0.9, 0.999), no weight decay, EMA 0.9999
+    # and 400k steps follow the paper; RAdam (its appendix table, as we read it) is a best guess, as is the
+    # absence of warmup and gradient clipping (not stated).
     return TrainConfig(
         name="cifar10",
+        model=ModelConfig(model_type="SongUNet", img_resolution=32, img_channels=3, label_dim=0,
+                          model_channels=128, channel_mult=(2, 2, 2), channel_mult_emb=4, channel_mult_noise=1,
+                          num_blocks=4, attn_resolutions=(16,), embedding_type="positional",
+                          encoder_type="standard", decoder_type="standard", resample_filter=(1, 1), s_embed=True,
+                          dropout=0.2, noise_schedule="fm", f_type="simple_edm", temb_type="identity",
+                          time_scale=1000.0, eps=0.006, T=0.994, mixed_precision=None),
+        loss=LossConfig(group_size=4, ts_dist="uniform", k=15, a=1, b=5.0, label_dropout=0.0),
+        data=DataConfig(source="cifar10", path="data/cifar-10-batches-py", class_conditional=False, hflip=True),
+        # One grid serves every step count here: "uniform" (1 step: T -> eps as the paper). The paper's 2-step
+        # grid is the middle eta 1.4: `python -m imm_fast sample RUN --steps 2 --grid 1.4`, or grid=(1.4,) in code.
+        sample=SampleConfig(steps=(1, 2), grid="uniform", cfg_scale=None, num_images=64),
+        batch_size=4096, max_steps=400_000, lr=1e-4, optimizer="radam", betas=(0.9, 0.999), weight_decay=0.0,
+        ema_decay=0.9999, sample_every=5000, ckpt_every=10_000, eval_samples=50_000, eval_steps=(1, 2))
+
+
+def _cifar10_dit_preset() -> TrainConfig:
+    # The paper's CIFAR-10 IMM settings on a DiT-B/2 backbone instead of DDPM++ (imm_fast's earlier cifar10).
+    return TrainConfig(
+        name="cifar10-dit",
         model=dit_config("B/2", img_resolution=32, img_channels=3, label_dim=0, f_type="simple_edm",
                          temb_type="identity", dropout=0.2, eps=0.006, T=0.994, mixed_precision=None),
         loss=LossConfig(group_size=4, ts_dist="uniform", k=15, a=1, b=5.0, label_dropout=0.0),
@@ -518,6 +578,7 @@ def _imagenet_preset(size: str) -> TrainConfig:
 PRESETS = {
     "digits": _digits_preset(),
     "cifar10": _cifar10_preset(),
+    "cifar10-dit": _cifar10_dit_preset(),
     "imagenet256": _imagenet_preset("XL"),
     "imagenet256-S": _imagenet_preset("S"),
     "imagenet256-B": _imagenet_preset("B"),
@@ -572,6 +633,9 @@ def _coerce(cfg, key: str, value):
 
 
 def _apply(cfg: "TrainConfig", flat: dict) -> "TrainConfig":
+    if "model.arch" in flat:  # run configs saved before model_type replaced arch (then always "DiT")
+        flat = dict(flat)
+        flat.setdefault("model.model_type", flat.pop("model.arch"))
     flat = {k: _coerce(cfg, k, v) for k, v in flat.items()}
     # Apply nested keys first so that cross-field checks of TrainConfig see the final sub-configs together.
     return with_overrides(cfg, flat)

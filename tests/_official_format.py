@@ -5,7 +5,8 @@ The authors' IMMPrecond and DiT classes are NVlabs `torch_utils.persistence` per
 module_src=<source>, class_name=<name>, state=<__dict__>); timm's PatchEmbed/Attention/Mlp and torch.nn modules
 pickle as ordinary classes. Here stand-in modules with those names are registered in sys.modules (by the caller's
 monkeypatch) and an imm_fast model's module tree is re-dressed as those classes, so the stream has the same
-shape as the authors'. module_src is whatever the caller passes: a loader must never execute it.
+shape as the authors'. The same holds for the UNets (training/unets.py: SongUNet, DhariwalUNet and all their
+layers are persistent classes). module_src is whatever the caller passes: a loader must never execute it.
 """
 import pickle
 import sys
@@ -15,6 +16,10 @@ import torch.nn as nn
 
 PERSISTENT = {"IMM": "IMMPrecond", "DiT": "DiT", "TimestepEmbedder": "TimestepEmbedder",
               "LabelEmbedder": "LabelEmbedder", "DiTBlock": "DiTBlock", "FinalLayer": "FinalLayer"}
+# The authors' training/unets.py: every layer of SongUNet / DhariwalUNet is a persistent class of the same name
+# (torch.nn.ModuleDict containers pickle as themselves).
+UNET_PERSISTENT = ("SongUNet", "DhariwalUNet", "UNetBlock", "Linear", "Conv2d", "GroupNorm", "PositionalEmbedding",
+                   "FourierEmbedding")
 TIMM = {"PatchEmbed", "Attention", "Mlp"}
 
 
@@ -36,16 +41,18 @@ def install_fake_modules(monkeypatch, module_src):
         setattr(vit, name, cls)
         classes[name] = cls
 
-    def make_persistent(class_name):
+    def make_persistent(class_name, module="training.dit"):
         def __reduce__(self):
             meta = dict(type="class", version=6, module_src=module_src, class_name=class_name,
                         state=dict(self.__dict__))
             return (_reconstruct_persistent_obj, (meta,), None)
 
-        return type(class_name, (nn.Module,), {"__module__": "training.dit", "__reduce__": __reduce__})
+        return type(class_name, (nn.Module,), {"__module__": module, "__reduce__": __reduce__})
 
     for ours, theirs in PERSISTENT.items():
         classes[ours] = make_persistent(theirs)
+    for name in UNET_PERSISTENT:
+        classes[name] = make_persistent(name, "training.unets")
     for name, mod in [("torch_utils", torch_utils), ("torch_utils.persistence", persistence),
                       ("timm", types.ModuleType("timm")), ("timm.models", types.ModuleType("timm.models")),
                       ("timm.models.vision_transformer", vit)]:
@@ -56,7 +63,7 @@ def install_fake_modules(monkeypatch, module_src):
 def redress(module, classes):
     """A copy of the module tree whose objects are the stand-in classes (same __dict__ and tensors)."""
     name = type(module).__name__
-    cls = classes.get(name)
+    cls = None if type(module).__module__.startswith("torch.nn") else classes.get(name)  # nn.Linear stays itself
     if cls is None:
         if not type(module).__module__.startswith("torch.nn"):
             raise TypeError(f"no stand-in for {type(module)}")

@@ -99,7 +99,7 @@ def test_benchmark_files_cpu_tier_run():
                         "--benchmark-disable", str(BENCH / "bench_train_step.py"), str(BENCH / "bench_sample.py")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "6 passed" in r.stdout, r.stdout[-2000:]
+    assert "9 passed" in r.stdout, r.stdout[-2000:]  # 6 DiT cases + 3 DDPM++ UNet cases
 
 
 def test_profile_script(bench_train, capsys):

@@ -193,14 +193,14 @@ def test_bad_input_is_refused_clearly(tmp_path):
     assert _digest(r2.run_dir) == before
 
 
-@pytest.mark.parametrize("preset", ["cifar10", "imagenet256-S"])
+@pytest.mark.parametrize("preset", ["cifar10-dit", "imagenet256-S"])  # the DDPM++ cifar10: tests/test_unet.py
 def test_image_presets_run_on_tiny_data(tmp_path, preset):
     import pickle
 
     import numpy as np
 
     rng = np.random.RandomState(0)
-    if preset == "cifar10":
+    if preset == "cifar10-dit":
         root = tmp_path / "cifar-10-batches-py"
         root.mkdir()
         for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -216,7 +216,7 @@ def test_image_presets_run_on_tiny_data(tmp_path, preset):
              "eval_samples": 4, "progress": False, "device": "cpu", "data.path": str(root)}
     r = imm_fast.train(preset, out_dir=str(tmp_path), run_name="r", **small)
     assert r.step == 2 and (r.checkpoint / "ema.safetensors").is_file()
-    if preset == "cifar10":
+    if preset == "cifar10-dit":
         assert (r.run_dir / "samples" / "step-0000002-2step.png").is_file()
         if r.metrics.get("fid") is None:  # torch-fidelity or its weights missing: a message, no number
             assert "FID skipped" in r.metrics["message"]

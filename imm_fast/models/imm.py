@@ -4,6 +4,10 @@ f = output_function(x_t, G(c_in x_t, 1000 t, 1000 s | 1000 (t - s), labels), s, 
 euler_fm (x_t - (t - s) sigma_d G), simple_edm (c_skip x_t + c_out G) or identity (DDIM(x_t, G, s, t)).
 The backbone is stored as `.model`, so state dicts carry the `model.` prefix exactly as the authors' do.
 
+The backbone interface (DiT, SongUNet, DhariwalUNet; `model_type` names them as the authors' classes do):
+  backbone(x, noise_labels_t, noise_labels_s, class_labels=...) -> G, shaped like x; noise labels (N,) or (1,),
+  class_labels float (N, label_dim) rows or None;  backbone.compile_regions(mode) compiles it in place.
+
 Shapes: N batch, Cin channels, R resolution; t and s are scalars, 0-d, (1,) or (N,) tensors.
 """
 from __future__ import annotations
@@ -16,12 +20,16 @@ from .. import schedule as sch
 from ..config import DIT_SIZES, PRECISIONS, ModelConfig, check_fields, check_imm_settings
 from ..errors import ConfigError
 from .dit import DiT
+from .unet import UNET_TYPES
 
 _DTYPES = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert set(_DTYPES) == set(PRECISIONS)
 # Backbone kwargs checked by ModelConfig's rules when given (the rest are the backbone's own business).
 _CHECKED_BACKBONE_KWARGS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "qk_norm", "dropout",
                             "class_dropout_prob", "s_embed", "fused")
+_CHECKED_UNET_KWARGS = ("model_channels", "channel_mult", "channel_mult_emb", "channel_mult_noise", "num_blocks",
+                        "attn_resolutions", "dropout", "s_embed", "embedding_type", "encoder_type", "decoder_type",
+                        "resample_filter", "channels_last")
 
 
 def dit_kwargs_for(model_type: str) -> dict:
@@ -32,16 +40,33 @@ def dit_kwargs_for(model_type: str) -> dict:
     if len(parts) == 3 and parts[0] == "DiT" and parts[1] in DIT_SIZES and parts[2] in ("2", "4", "8"):
         hidden, depth, heads = DIT_SIZES[parts[1]]
         return dict(patch_size=int(parts[2]), hidden_size=hidden, depth=depth, num_heads=heads)
-    raise ValueError(f"model_type={model_type!r} is not supported: use 'DiT' or 'DiT_<S|B|L|XL>_<2|4|8>' "
-                     "(the DDPM++ UNet backbone is not implemented yet)")
+    raise ValueError(f"model_type={model_type!r} is not supported: use 'DiT', 'DiT_<S|B|L|XL>_<2|4|8>', "
+                     f"or one of {tuple(UNET_TYPES)}")
+
+
+def build_backbone(model_type, img_resolution, img_channels, label_dim, model_kwargs):
+    """The network G named by model_type (the authors' class names), with their constructor arguments."""
+    if model_type in UNET_TYPES:
+        kw = {k: v for k, v in model_kwargs.items() if k not in ("in_channels", "out_channels", "img_channels")}
+        kw.update(check_fields(ModelConfig, {k: kw[k] for k in _CHECKED_UNET_KWARGS if k in kw}, prefix=""))
+        return UNET_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
+                                      out_channels=img_channels, label_dim=label_dim, **kw)
+    model_kwargs = dict(model_kwargs)
+    model_kwargs.pop("skip", None)  # accepted by the reference DiT but unused by its forward
+    kw = {**dit_kwargs_for(model_type), **model_kwargs}
+    kw.update(check_fields(ModelConfig, {k: kw[k] for k in _CHECKED_BACKBONE_KWARGS if k in kw}, prefix=""))
+    if "hidden_size" in kw and "num_heads" in kw and kw["hidden_size"] % kw["num_heads"]:
+        raise ConfigError(f"hidden_size={kw['hidden_size']} must be divisible by num_heads={kw['num_heads']}")
+    return DiT(img_resolution=img_resolution, in_channels=img_channels, **kw)
 
 
 class IMM(nn.Module):
     """f_theta(x, t, s) with forward(x, t, s, class_labels=None, cfg_scale=None).
 
     Constructor arguments mirror the authors' IMMPrecond (so their stored init kwargs rebuild it); the rest go to
-    the DiT (patch_size, hidden_size, depth, num_heads, mlp_ratio, qk_norm, dropout, num_classes, s_embed,
-    embedding_kwargs, fused, ...).
+    the backbone named by model_type: the DiT (patch_size, hidden_size, depth, num_heads, mlp_ratio, qk_norm,
+    dropout, num_classes, s_embed, embedding_kwargs, fused, ...) or a UNet (model_channels, channel_mult,
+    num_blocks, attn_resolutions, dropout, s_embed, ...; see imm_fast.models.unet).
     """
 
     def __init__(self, img_resolution, img_channels, label_dim=0, mixed_precision=None, noise_schedule="fm",
@@ -68,12 +93,8 @@ class IMM(nn.Module):
         self.use_mixed_precision = mixed_precision is not None
         self.noise_schedule, self.f_type, self.temb_type = noise_schedule, f_type, temb_type
         self.sigma_data, self.T, self.eps, self.time_scale = sigma_data, T, eps, time_scale
-        model_kwargs.pop("skip", None)  # accepted by the reference DiT but unused by its forward
-        kw = {**dit_kwargs_for(model_type), **model_kwargs}
-        kw.update(check_fields(ModelConfig, {k: kw[k] for k in _CHECKED_BACKBONE_KWARGS if k in kw}, prefix=""))
-        if "hidden_size" in kw and "num_heads" in kw and kw["hidden_size"] % kw["num_heads"]:
-            raise ConfigError(f"hidden_size={kw['hidden_size']} must be divisible by num_heads={kw['num_heads']}")
-        self.model = DiT(img_resolution=img_resolution, in_channels=img_channels, **kw)
+        self.model_type = model_type
+        self.model = build_backbone(model_type, img_resolution, img_channels, label_dim, model_kwargs)
 
     # -- schedule helpers (the model's own schedule) -------------------------------------------------------------
     def alpha_sigma(self, t):
