@@ -194,6 +194,11 @@ class TrainConfig:
     eval_samples: int = 1000          # samples per step count for the final metrics
     eval_steps: Tuple[int, ...] = (1, 2, 4, 8)  # step counts evaluated
     final_eval: bool = True           # compute metrics at the end of training
+    # Train-time FID of the EMA model (image data; imm_fast.evaluation.train_time_fid, run at eval_every/the end):
+    eval_num: int = 5000              # samples per step count in eval_steps (digits use eval_samples instead)
+    eval_ref: Optional[str] = None    # reference: statistics .npz (imm_fast/EDM/ADM) or a dataset; None = the
+                                      # training images (latents need this set)
+    inception: Optional[str] = None   # FID Inception weights file (None = $IMM_FAST_INCEPTION or the torch hub cache)
     progress: bool = True             # progress bar on rank 0
     reference: bool = False           # the plain PyTorch path (reference DiT ops, mmd_loss_ref) instead of the
                                       # fused kernels that auto picks on CUDA
@@ -216,6 +221,12 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if isinstance(self.eval_num, bool) or not isinstance(self.eval_num, int) or self.eval_num < 2:
+            raise ValueError(f"eval_num must be an int >= 2 (a covariance needs two samples), got {self.eval_num!r}")
+        for name in ("eval_ref", "inception"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise ValueError(f"{name} must be None or a path, got {v!r}")
         if self.data.source != "latents" and self.data.vae_path is not None:
             raise ValueError("data.vae_path only applies to data.source='latents'")
 
