@@ -74,8 +74,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers", "scipy"],
         "vae": ["diffusers"],
+        "eval": ["scipy", "diffusers"],  # FID's sqrtm; diffusers decodes latent samples (--vae)
     },
     entry_points={"console_scripts": ["imm_fast=imm_fast.__main__:main"]},
     ext_modules=ext_modules,

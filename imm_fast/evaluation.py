@@ -558,7 +558,7 @@ def evaluate(checkpoint, ref, num=50000, steps=(1, 2, 4, 8), cfg_scale=None, sam
         t0 = time.perf_counter()
         t_gen, t_feat, made = run_shards(model, cache, num, n, sampler, grid, settings["cfg_scale"], seed, net,
                                          vae_model, batch, shard_size, save_npz, progress, dev)
-        _barrier()
+        made = _sum_over_ranks(made)  # also the barrier: every rank has written its shards
         wall = time.perf_counter() - t0
         row = None
         if rank == 0:
@@ -566,9 +566,9 @@ def evaluate(checkpoint, ref, num=50000, steps=(1, 2, 4, 8), cfg_scale=None, sam
             mu, sigma = M.feature_statistics(feats)
             is_mean, is_std = M.inception_score(logits, min(is_splits, num))
             row = dict(fid=M.frechet_distance(mu, sigma, mu_ref, sigma_ref), is_mean=is_mean, is_std=is_std,
-                       nfe=n * (2 if settings["cfg_scale"] is not None else 1), images=num, made_now=made * world,
+                       nfe=n * (2 if settings["cfg_scale"] is not None else 1), images=num, made_now=made,
                        seconds=wall, generate_s_rank0=t_gen, inception_s_rank0=t_feat,
-                       images_per_s=(made * world) / wall if made else 0.0)
+                       images_per_s=made / wall if made else 0.0)
             if save_npz:
                 row["npz"] = str(write_adm_npz(out / f"eval-{stamp}-{n}step.npz", cache, num, shard_size))
         results[str(n)] = _broadcast(row)
@@ -587,6 +587,16 @@ def evaluate(checkpoint, ref, num=50000, steps=(1, 2, 4, 8), cfg_scale=None, sam
             print(f"written: {path}")
     _barrier()
     return result
+
+
+def _sum_over_ranks(v):
+    if _world()[1] == 1:
+        return v
+    import torch.distributed as dist
+
+    t = torch.tensor([float(v)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return int(round(t.item()))
 
 
 def _broadcast(obj):

@@ -12,6 +12,7 @@ Shapes: N samples, F feature width, (C, R, R) images.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -112,10 +113,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
     if mu1.shape != mu2.shape or s1.shape != (n, n) or s2.shape != (n, n):
         raise ValueError(f"frechet_distance needs mu (F,) and sigma (F, F) of one width F; got mu1 {mu1.shape}, "
                          f"sigma1 {s1.shape}, mu2 {mu2.shape}, sigma2 {s2.shape}")
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(n) * eps
-        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    with warnings.catch_warnings():  # "singular matrix" is expected (fewer samples than features) and handled here
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(n) * eps
+            covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         imag = np.abs(np.diagonal(covmean).imag).max()
         if imag > 1e-3:
