@@ -441,7 +441,7 @@ def write_adm_npz(path, cache, num, shard_size):
     def write(tmp):
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             with zf.open("arr_0.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_2_0(
+                np.lib.format.write_array_header_1_0(
                     f, {"descr": np.dtype(np.uint8).str, "fortran_order": False, "shape": (num,) + hwc})
                 labels = []
                 for k, lo, hi in _shard_ranges(num, shard_size):
@@ -542,6 +542,12 @@ def evaluate(checkpoint, ref, num=50000, steps=(1, 2, 4, 8), cfg_scale=None, sam
     ck_sha, inc_sha = _sha_cached(ck_file), _sha_cached(weights)
     mu_ref, sigma_ref, ref_info = load_reference(ref, inception, dev, ref_resolution, batch, out / "eval-cache",
                                                  progress and rank == 0)
+    ref_sha = ref_info.get("inception_sha256")
+    if ref_sha is not None and ref_sha != inc_sha and rank == 0:
+        import warnings
+
+        warnings.warn(f"the reference statistics {ref_info.get('path')} were computed with other Inception weights "
+                      f"(sha256 {ref_sha[:12]}..., now {inc_sha[:12]}...): the FID compares different features")
     settings = dict(num=num, steps=list(steps), cfg_scale=cfg_scale if model.label_dim else None, sampler=sampler,
                     grid=grid, seed=seed, batch=batch, shard_size=shard_size, is_splits=is_splits,
                     vae=None if vae is None else str(vae), save_npz=bool(save_npz), world_size=world,
