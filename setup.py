@@ -75,8 +75,10 @@ setup(
     ],
     extras_require={
         # omegaconf: authors-format pickles store some init kwargs as OmegaConf containers
-        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers", "omegaconf", "huggingface_hub", "tensorboard"],
+        "test": ["pytest", "pytest-benchmark", "ninja", "diffusers", "omegaconf", "huggingface_hub", "tensorboard",
+                 "scipy"],
         "vae": ["diffusers"],
+        "eval": ["scipy", "diffusers"],  # FID's sqrtm; diffusers decodes latent samples (--vae)
         "hub": ["huggingface_hub"],      # hf:// checkpoints (imm_fast.hub)
         "tensorboard": ["tensorboard"],  # log.tensorboard=true
         "wandb": ["wandb"],              # log.wandb=<project>

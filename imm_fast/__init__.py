@@ -1,6 +1,6 @@
 """imm_fast: Inductive Moment Matching with fused kernels.
 
-Public API: train, sample, mmd_loss, load_official, and the config dataclasses. Importing imm_fast imports
+Public API: train, sample, evaluate, mmd_loss, load_official, and the config dataclasses. Importing imm_fast imports
 neither triton nor a compiler; heavy modules load on first use.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "train", "sample", "mmd_loss", "load_official", "build_model",
+    "train", "sample", "mmd_loss", "load_official", "build_model", "evaluate",
     "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "SampleConfig", "PRESETS",
 ]
 
@@ -18,6 +18,7 @@ _LAZY = {
     "mmd_loss": ("imm_fast.ops.mmd", "mmd_loss"),
     "load_official": ("imm_fast.checkpoint", "load_official"),
     "build_model": ("imm_fast.models", "build_model"),
+    "evaluate": ("imm_fast.evaluation", "evaluate"),
     "ModelConfig": ("imm_fast.config", "ModelConfig"),
     "LossConfig": ("imm_fast.config", "LossConfig"),
     "DataConfig": ("imm_fast.config", "DataConfig"),

@@ -1,4 +1,4 @@
-"""Command line: `python -m imm_fast {train,config,encode,sample}` (also installed as the `imm_fast` script).
+"""Command line: `python -m imm_fast {train,config,sample,encode,eval}` (also installed as the `imm_fast` script).
 
   python -m imm_fast train                                 # the digits preset on the CPU (a few minutes)
   python -m imm_fast train --preset cifar10 data.path=/data/cifar-10-batches-py
@@ -8,6 +8,10 @@
   torchrun --nproc_per_node 8 -m imm_fast train --preset imagenet256 data.path=/data/latents
   python -m imm_fast encode IMAGE_FOLDER OUT_FOLDER --vae /models/sd-vae-ft-ema
   python -m imm_fast sample runs/digits-... --steps 2 --cfg-scale 2 --out grid.png
+  python -m imm_fast eval runs/cifar10-... --ref cifar10-32x32.npz --num 50000 --steps 1,2
+  torchrun --nproc_per_node 8 -m imm_fast eval imagenet256_ts_a2.pkl --ref VIRTUAL_imagenet256_labeled.npz \
+      --steps 1,2,4,8 --cfg-scale 1.5 --vae /models/sd-vae-ft-ema --save-npz
+  python -m imm_fast eval --ref /data/imagenet/train --ref-resolution 256 --ref-out imagenet256-stats.npz
 
 Errors in your input (a config typo, a missing or malformed file, an unsafe checkpoint) are printed as one line
 on stderr with exit status 2; set IMM_FAST_TRACEBACK=1 to see their traceback. Other errors are bugs and keep it.
@@ -131,6 +135,37 @@ def _cmd_sample(args):
     return 0
 
 
+def _cmd_eval(args):
+    from .evaluation import evaluate, reference_statistics
+
+    if args.checkpoint is None:
+        if not (args.ref and args.ref_out):
+            raise ValueError("give a checkpoint to evaluate, or --ref DATASET --ref-out STATS.npz to only compute "
+                             "reference statistics")
+        _, _, info = reference_statistics(args.ref, args.ref_out, args.inception, args.device, args.ref_resolution,
+                                          args.batch)
+        print(f"reference statistics of {info['num_images']} images written to {args.ref_out}")
+        return 0
+    if not args.ref:
+        raise ValueError("--ref is required: statistics (.npz with mu, sigma) or a dataset to compute them from")
+    try:
+        steps = tuple(int(v) for v in args.steps.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--steps must be comma-separated ints such as 1,2,4,8, got {args.steps!r}") from None
+    grid = args.grid
+    if grid not in ("uniform", "edm"):
+        try:
+            grid = [float(v) for v in grid.split(",")]
+        except ValueError:
+            raise ValueError(f"--grid must be uniform, edm or comma-separated middle eta values (e.g. 1.4), "
+                             f"got {args.grid!r}") from None
+    evaluate(args.checkpoint, args.ref, num=args.num, steps=steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
+             grid=grid, batch=args.batch, seed=args.seed, inception=args.inception, vae=args.vae, device=args.device,
+             save_npz=args.save_npz, shard_size=args.shard_size, out_dir=args.out_dir,
+             ref_resolution=args.ref_resolution, keep_cache=args.keep_cache, progress=not args.no_progress)
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m imm_fast", description="Inductive Moment Matching with imm_fast",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -171,6 +206,31 @@ def build_parser():
     s.add_argument("--out", default="samples.png")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(fn=_cmd_sample)
+    v = sub.add_parser("eval", help="FID and IS of a checkpoint against reference statistics (torchrun-shardable)")
+    v.add_argument("checkpoint", nargs="?", help="run folder, checkpoint folder, .safetensors or an authors' .pkl")
+    v.add_argument("--ref", help="statistics .npz (imm_fast, EDM cifar10-32x32.npz, ADM VIRTUAL_imagenet256_labeled."
+                                 "npz) or a dataset: CIFAR-10 python folder, image folder, .npz/.npy of images")
+    v.add_argument("--ref-resolution", type=int, help="center-crop folder images to this side the ADM way "
+                                                      "(ImageNet: 256)")
+    v.add_argument("--ref-out", help="without a checkpoint: write the statistics of --ref to this .npz")
+    v.add_argument("--num", type=int, default=50000, help="samples per step count (default 50000)")
+    v.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts (default 1,2,4,8)")
+    v.add_argument("--cfg-scale", type=float, default=None, help="guidance weight (class-conditional models)")
+    v.add_argument("--sampler", default="pushforward", choices=("pushforward", "restart"))
+    v.add_argument("--grid", default="uniform", help="uniform, edm or comma-separated middle eta values")
+    v.add_argument("--batch", type=int, default=64, help="images per network call, per rank")
+    v.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    v.add_argument("--inception", help="FID Inception weights file, or 'download' "
+                                       "(default: $IMM_FAST_INCEPTION, then the torch hub cache)")
+    v.add_argument("--vae", help="decode latent samples with this local AutoencoderKL folder")
+    v.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    v.add_argument("--save-npz", action="store_true", help="also write ADM's sample batch (uint8 NHWC arr_0, "
+                                                           "labels arr_1) per step count")
+    v.add_argument("--shard-size", type=int, default=1000, help="images per resumable shard")
+    v.add_argument("--out-dir", help="where eval-<time>.json goes (default: beside the checkpoint)")
+    v.add_argument("--keep-cache", action="store_true", help="keep the finished shards (eval-cache/)")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(fn=_cmd_eval)
     return p
 
 

@@ -487,6 +487,13 @@ class TrainConfig:
     eval_samples: int = spec(1000, ge=1)  # samples per step count for the final metrics
     eval_steps: Tuple[int, ...] = spec((1, 2, 4, 8), ge=1, min_len=1)  # step counts evaluated
     final_eval: bool = True           # compute metrics at the end of training
+    # Train-time FID of the EMA model (image data; imm_fast.evaluation.train_time_fid, run at eval_every/the end):
+    eval_num: int = spec(5000, ge=2)  # samples per step count in eval_steps (digits use eval_samples instead; a
+                                      # covariance needs two)
+    eval_ref: Optional[str] = spec(None, check=_nonempty)  # reference: statistics .npz (imm_fast/EDM/ADM) or a
+                                      # dataset; None = the training images (latents need this set)
+    inception: Optional[str] = spec(None, check=_nonempty)  # FID Inception weights file (None = $IMM_FAST_INCEPTION
+                                      # or the torch hub cache)
     progress: bool = True             # progress bar on rank 0
     reference: bool = False           # the plain PyTorch path (reference DiT ops, mmd_loss_ref) instead of the
                                       # fused kernels that auto picks on CUDA

@@ -4,14 +4,15 @@ Digits: a small CNN trained once on the digits training split (cached under $IMM
 gives (1) the class accuracy of class-conditional samples and (2) the Frechet distance (FD) of its penultimate
 features between samples and the held-out real digits, printed beside the real-vs-real floor (the FD between as
 many real training digits and the same held-out digits).
-Images: FID through torch-fidelity when it is installed and its Inception weights are on disk; otherwise a clear
-message and no number.
+Images: `frechet_distance(mu1, sigma1, mu2, sigma2)` (FID, float64, the reference sqrtm handling) and
+`inception_score(logits)` on the FID Inception-V3 of imm_fast.inception; imm_fast.evaluation runs the pipeline.
 
 Shapes: N samples, F feature width, (C, R, R) images.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,20 +90,65 @@ def digits_classifier(refresh=False) -> DigitsClassifier:
     return net.eval().requires_grad_(False)
 
 
-def frechet_distance(f1, f2) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) of two feature sets (N1, F), (N2, F), in float64."""
-    f1 = np.asarray(f1, dtype=np.float64)
-    f2 = np.asarray(f2, dtype=np.float64)
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+def feature_statistics(features):
+    """(mu (F,), sigma (F, F)) of features (N, F) in float64; sigma is the unbiased covariance (as np.cov)."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"features must be (N, F) with N >= 2, got shape {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
 
-    def sqrtm_psd(a):
-        w, v = np.linalg.eigh((a + a.T) / 2)
-        return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
-    r1 = sqrtm_psd(s1)
-    cross = sqrtm_psd(r1 @ s2 @ r1)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(cross))
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) in float64 (the FID formula).
+
+    (S1 S2)^1/2 by scipy.linalg.sqrtm as the reference implementations do it: if it is not finite (near-singular
+    covariances), eps is added to both diagonals and it is taken again; its imaginary part (round-off, the exact
+    root is real) is dropped when the diagonal's is below 1e-3, else a ValueError reports it.
+    """
+    from scipy import linalg
+
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    n = mu1.shape[0]
+    if mu1.shape != mu2.shape or s1.shape != (n, n) or s2.shape != (n, n):
+        raise ValueError(f"frechet_distance needs mu (F,) and sigma (F, F) of one width F; got mu1 {mu1.shape}, "
+                         f"sigma1 {s1.shape}, mu2 {mu2.shape}, sigma2 {s2.shape}")
+    with warnings.catch_warnings():  # "singular matrix" is expected (fewer samples than features) and handled here
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(n) * eps
+            covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.abs(np.diagonal(covmean).imag).max()
+        if imag > 1e-3:
+            raise ValueError(f"frechet_distance: sqrtm(sigma1 sigma2) has an imaginary diagonal part of {imag:.3g} "
+                             "(> 1e-3); the covariances are not valid (symmetric positive semi-definite)")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def frechet_distance_features(f1, f2) -> float:
+    """The Frechet distance between two feature sets (N1, F), (N2, F)."""
+    return frechet_distance(*feature_statistics(f1), *feature_statistics(f2))
+
+
+def inception_score(logits, splits=10):
+    """(mean, std) over `splits` contiguous parts of exp(E_x KL(p(y|x) || p(y))), p = softmax(logits) in float64
+    (the TF reference: logits (N, 1008) without the bias, 10 splits, no shuffling)."""
+    lg = np.asarray(logits, dtype=np.float64)
+    if lg.ndim != 2 or isinstance(splits, bool) or not isinstance(splits, int) or not 1 <= splits <= len(lg):
+        raise ValueError(f"inception_score needs logits (N, K) and 1 <= splits <= N; got shape {lg.shape}, "
+                         f"splits={splits!r}")
+    logp = lg - lg.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    scores = []
+    for i in range(splits):
+        part = logp[i * len(lg) // splits:(i + 1) * len(lg) // splits]
+        log_py = np.log(np.exp(part).mean(0))
+        scores.append(np.exp((np.exp(part) * (part - log_py)).sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
 
 
 @torch.no_grad()
@@ -126,8 +172,8 @@ def digits_eval(samples, labels=None, classifier=None):
     test_x = (torch.from_numpy(test_x) - 8.0) / 12.0
     train_x = (torch.from_numpy(train_x[: len(x)]) - 8.0) / 12.0
     ft = _features(net, test_x)
-    out = {"fd": frechet_distance(_features(net, x), ft),
-           "fd_floor": frechet_distance(_features(net, train_x), ft)}
+    out = {"fd": frechet_distance_features(_features(net, x), ft),
+           "fd_floor": frechet_distance_features(_features(net, train_x), ft)}
     if labels is not None:
         pred = torch.cat([net(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
         out["accuracy"] = float((pred == labels.cpu()).float().mean())
@@ -167,46 +213,26 @@ def format_digits_table(table, cfg_scale) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FID through torch-fidelity
+# FID of two in-memory image sets (the train-time helper of training.py; imm_fast.evaluation has the full pipeline)
 # ----------------------------------------------------------------------------------------------------------------
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+def fid_available(inception=None):
+    """(True, "") when the FID Inception weights are on this machine, else (False, why and how to get them)."""
+    from .inception import find_weights
 
-
-def fid_available():
-    """(True, "") when torch-fidelity and its Inception weights are on this machine, else (False, why)."""
     try:
-        import torch_fidelity  # noqa: F401
-    except ImportError:
-        return False, "FID skipped: torch-fidelity is not installed (pip install torch-fidelity)"
-    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-    if not hub.is_file():
-        return False, (f"FID skipped: the Inception weights are not on disk ({hub}); torch-fidelity would download "
-                       "them — fetch them once on a machine with network access and copy them there")
+        find_weights(inception)
+    except FileNotFoundError as e:
+        return False, f"FID skipped: {e}"
     return True, ""
 
 
-class _UInt8Images(torch.utils.data.Dataset):
-    def __init__(self, x):
-        self.x = x  # (N, 3, R, R) uint8
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i]
-
-
-def fid(samples_uint8, reference_uint8):
-    """FID between two uint8 image sets (N, 3, R, R) with torch-fidelity, or (None, message) when unavailable."""
-    ok, msg = fid_available()
+def fid(samples_uint8, reference_uint8, inception=None):
+    """(FID, "") between two uint8 image sets (N, C, R, R), C in {1, 3}, or (None, message) without weights."""
+    ok, msg = fid_available(inception)
     if not ok:
         return None, msg
-    import torch_fidelity
+    from .inception import inception_outputs, load_inception
 
-    def rgb(x):
-        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
-
-    m = torch_fidelity.calculate_metrics(input1=_UInt8Images(rgb(samples_uint8)),
-                                         input2=_UInt8Images(rgb(reference_uint8)), fid=True, verbose=False,
-                                         cuda=torch.cuda.is_available())
-    return float(m["frechet_inception_distance"]), ""
+    net, _ = load_inception(inception, "cuda" if torch.cuda.is_available() else "cpu")
+    f1, f2 = inception_outputs(net, samples_uint8)[0], inception_outputs(net, reference_uint8)[0]
+    return frechet_distance_features(f1.numpy(), f2.numpy()), ""

@@ -267,8 +267,8 @@ def save_sample_grids(run_dir: Path, step: int, ema, ds, cfg: TrainConfig, devic
     return paths
 
 
-def evaluate(ema, ds, cfg: TrainConfig, device) -> dict:
-    """Metrics of the EMA model: digits -> accuracy / FD table; images -> FID when available."""
+def evaluate(ema, ds, cfg: TrainConfig, device, step: int = 0) -> dict:
+    """Metrics of the EMA model: digits -> accuracy / FD table; images -> FID / IS (imm_fast.evaluation)."""
     from . import metrics as M
 
     if cfg.data.source == "digits" and ema.label_dim == 10 and ds.shape == (1, 8, 8):
@@ -276,28 +276,9 @@ def evaluate(ema, ds, cfg: TrainConfig, device) -> dict:
                                 cfg.sample.sampler)
         return {"digits": {str(k): v for k, v in table.items()},
                 "table": M.format_digits_table(table, cfg.sample.cfg_scale)}
-    if cfg.data.source == "latents" and cfg.data.vae_path is None:
-        return {"fid": None, "message": "FID skipped: latents need data.vae_path (a local AutoencoderKL) to decode"}
-    ok, msg = M.fid_available()
-    if not ok:
-        return {"fid": None, "message": msg}
-    from .sampling import sample
+    from .evaluation import train_time_fid
 
-    g = torch.Generator().manual_seed(cfg.seed + 777)
-    n = cfg.eval_samples
-    out = {}
-    ref_idx = torch.randperm(len(ds), generator=g)[: min(n, len(ds))].numpy()
-    ref = ds.to_pixels(ds.get(ref_idx)[0])
-    for steps in cfg.eval_steps:
-        xs = []
-        for i in range(0, n, 250):
-            m = min(250, n - i)
-            noise = torch.randn((m,) + ds.shape, generator=g) * ema.sigma_data
-            labels = torch.randint(0, ema.label_dim, (m,), generator=g).to(device) if ema.label_dim else None
-            xs.append(ds.to_pixels(sample(ema, noise.to(device), steps, cfg.sample.sampler, cfg.sample.grid, labels,
-                                          cfg.sample.cfg_scale if ema.label_dim else None)))
-        out[f"fid_{steps}step"], _ = M.fid(torch.cat(xs), ref)
-    return out
+    return train_time_fid(ema, cfg, device, step, ds)
 
 
 def _scalars(obj):
@@ -654,7 +635,7 @@ def _sample(run: _Run):
 
 def _evaluate(run: _Run) -> dict:
     """The metrics of the EMA model (the one call site of evaluation, periodic and final)."""
-    return evaluate(run.ema, run.ds, run.cfg, run.device)
+    return evaluate(run.ema, run.ds, run.cfg, run.device, run.step)
 
 
 def _finish(run: _Run) -> dict:

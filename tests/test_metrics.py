@@ -16,9 +16,10 @@ def test_frechet_distance_matches_scipy():
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
-    assert M.frechet_distance(a, b) == pytest.approx(ref, rel=1e-6)
-    assert M.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
-    assert M.frechet_distance(a, a + 1.0) == pytest.approx(6.0, rel=1e-6)  # a mean shift of 1 in 6 dims
+    assert M.frechet_distance_features(a, b) == pytest.approx(ref, rel=1e-6)
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-6)
+    assert M.frechet_distance_features(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert M.frechet_distance_features(a, a + 1.0) == pytest.approx(6.0, rel=1e-6)  # a mean shift of 1 in 6 dims
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +74,11 @@ def test_digits_report_on_a_tiny_model(classifier, monkeypatch):
     assert text.count("\n") == 3 and "| 2 |" in text
 
 
-def test_fid_message_without_torch_fidelity():
+def test_fid_message_without_inception_weights(monkeypatch, tmp_path):
+    monkeypatch.delenv("IMM_FAST_INCEPTION", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))  # an empty hub cache
     ok, msg = M.fid_available()
-    if ok:
-        pytest.skip("torch-fidelity and its weights are installed here")
+    assert not ok and "--inception" in msg and "IMM_FAST_INCEPTION" in msg
     assert "FID skipped" in msg
     value, msg2 = M.fid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     assert value is None and msg2 == msg

@@ -213,7 +213,7 @@ def test_image_presets_run_on_tiny_data(tmp_path, preset):
         np.save(root / "labels.npy", rng.randint(0, 1000, 16))
     small = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "model.patch_size": 8,
              "batch_size": 8, "max_steps": 2, "sample.num_images": 4, "sample.steps": [1, 2], "eval_steps": [1],
-             "eval_samples": 4, "progress": False, "device": "cpu", "data.path": str(root)}
+             "eval_samples": 4, "eval_num": 4, "progress": False, "device": "cpu", "data.path": str(root)}
     r = imm_fast.train(preset, out_dir=str(tmp_path), run_name="r", **small)
     assert r.step == 2 and (r.checkpoint / "ema.safetensors").is_file()
     if preset == "cifar10-dit":

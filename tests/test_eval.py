@@ -1,0 +1,400 @@
+"""Evaluation: FID / IS math against independent float64 code, the FID Inception-V3 (random weights saved in the real
+weights' format drive the whole pipeline; nothing is downloaded), reference .npz layouts, sharded and resumed
+generation, 1 vs 2 gloo ranks, and the error without weights. Inception-V3 at 299x299 is slow on a CPU, so every
+test pushes only a handful of images through it.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from imm_fast import metrics as M
+from imm_fast import evaluation as E
+from imm_fast.inception import InceptionV3, find_weights, inception_outputs, load_inception, resize_like_tf1
+
+from _helpers import random_model
+
+TINY = dict(img_resolution=8, img_channels=3, label_dim=3, patch_size=2, hidden_size=32, depth=1, num_heads=2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frechet distance and Inception Score
+# ---------------------------------------------------------------------------------------------------------------
+def _fd_eigh(mu1, s1, mu2, s2):
+    """Independent float64 FID: tr (S1^1/2 S2 S1^1/2)^1/2 from symmetric eigendecompositions (exact for PSD)."""
+    w, v = np.linalg.eigh(s1)
+    r = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    lam = np.linalg.eigvalsh(r @ s2 @ r)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(lam, 0, None)).sum())
+
+
+@pytest.mark.parametrize("n,f", [(500, 7), (40, 64), (9, 200)], ids=["full-rank", "rank-deficient", "n<<f"])
+def test_frechet_distance_matches_an_independent_float64_implementation(n, f):
+    rng = np.random.RandomState(n)
+    a = rng.randn(n, f) @ rng.randn(f, f) / np.sqrt(f)
+    b = rng.randn(n + 3, f) * 1.3 + 0.2
+    mu1, s1 = M.feature_statistics(a)
+    mu2, s2 = M.feature_statistics(b)
+    assert s1.dtype == np.float64 and np.linalg.matrix_rank(s1) == min(n - 1, f)
+    ref = _fd_eigh(mu1, s1, mu2, s2)
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref, rel=1e-6)
+    assert M.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(ref, rel=1e-6)  # symmetric
+    # float32 inputs are promoted: the arithmetic is float64 throughout
+    m32, s32 = mu1.astype(np.float32), s1.astype(np.float32)
+    assert M.frechet_distance(m32, s32, mu2, s2) == M.frechet_distance(m32.astype(np.float64),
+                                                                       s32.astype(np.float64), mu2, s2)
+    # FID(X, X) ~ 0 even for a singular covariance
+    assert abs(M.frechet_distance(mu1, s1, mu1, s1)) < 1e-6 * np.trace(s1)
+    assert M.frechet_distance(mu1, s1, mu1 + 0.5, s1) == pytest.approx(0.25 * f, rel=1e-6, abs=1e-6 * np.trace(s1))
+
+
+def test_frechet_distance_rejects_bad_shapes_and_invalid_covariances():
+    mu, s = np.zeros(3), np.eye(3)
+    with pytest.raises(ValueError, match="sigma2"):
+        M.frechet_distance(mu, s, mu, np.eye(4))
+    with pytest.raises(ValueError, match="imaginary"):
+        M.frechet_distance(mu, s, mu, -np.eye(3))  # a negative definite "covariance" has no real root
+
+
+def _is_loop(logits, splits):
+    """Independent IS: per split, exp of the mean over images of sum_y p log(p / p_split)."""
+    out = []
+    n = len(logits)
+    for k in range(splits):
+        part = torch.as_tensor(logits[k * n // splits:(k + 1) * n // splits], dtype=torch.float64)
+        p = torch.softmax(part, 1)
+        py = p.mean(0, keepdim=True)
+        out.append(float(torch.exp((p * (p.log() - py.log())).sum(1).mean())))
+    return np.mean(out), np.std(out)
+
+
+def test_inception_score_against_a_loop_and_its_bounds():
+    rng = np.random.RandomState(0)
+    logits = rng.randn(53, 11) * 3  # 53 images do not split evenly into 10
+    mean, std = M.inception_score(logits)
+    ref = _is_loop(logits, 10)
+    assert mean == pytest.approx(ref[0], rel=1e-10) and std == pytest.approx(ref[1], rel=1e-9, abs=1e-12)
+    assert M.inception_score(np.zeros((20, 5)))[0] == pytest.approx(1.0)  # uniform predictions: IS = 1
+    confident = np.eye(5)[np.arange(20) % 5] * 60  # every class equally often, each predicted with certainty
+    assert M.inception_score(confident, splits=4)[0] == pytest.approx(5.0, rel=1e-6)
+    with pytest.raises(ValueError, match="splits"):
+        M.inception_score(logits[:5])  # 10 splits need 10 images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Inception network
+# ---------------------------------------------------------------------------------------------------------------
+def random_inception(path, seed=0):
+    """An Inception-V3 with random weights whose features vary across images (He-initialized convolutions,
+    perturbed batch-norm statistics), saved as the real weights are: a torch.save'd state dict."""
+    g = torch.Generator().manual_seed(seed)
+    net = InceptionV3()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_in = m.weight[0].numel()
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * (2 / fan_in) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+        net.fc.weight.copy_(torch.randn(net.fc.weight.shape, generator=g) * 0.3)
+    torch.save(net.state_dict(), path)
+    return Path(path)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return random_inception(tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth")
+
+
+def test_tf1_bilinear_resize_matches_the_tf_formula():
+    x = torch.rand(1, 2, 5, 7, dtype=torch.float64) * 255
+    out = resize_like_tf1(x, 11)
+    ref = torch.empty(1, 2, 11, 11, dtype=torch.float64)
+    for i in range(11):
+        for j in range(11):
+            yi, xj = i * (5 / 11), j * (7 / 11)  # TF 1.x: in = out * scale, no half-pixel shift
+            y0, x0 = int(np.floor(yi)), int(np.floor(xj))
+            y1, x1 = min(y0 + 1, 4), min(x0 + 1, 6)
+            top = x[..., y0, x0] + (x[..., y0, x1] - x[..., y0, x0]) * (xj - x0)
+            bot = x[..., y1, x0] + (x[..., y1, x1] - x[..., y1, x0]) * (xj - x0)
+            ref[..., i, j] = top + (bot - top) * (yi - y0)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-4)  # positions are float32, as in TF
+
+
+def _torch_fidelity_inception():
+    """torch-fidelity's network class, loaded from its installed files without its package __init__ (which needs
+    torchvision, unusable with some CPU builds of torch). None when torch-fidelity is not installed."""
+    spec = importlib.util.find_spec("torch_fidelity")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0])
+    saved = {k: v for k, v in sys.modules.items() if k == "torch_fidelity" or k.startswith("torch_fidelity.")}
+    pkg = types.ModuleType("torch_fidelity")
+    pkg.__path__ = [str(root)]
+    sys.modules["torch_fidelity"] = pkg
+    try:
+        for name in ("defaults", "deprecations", "helpers", "feature_extractor_base", "interpolate_compat_tensorflow",
+                     "feature_extractor_inceptionv3"):
+            s = importlib.util.spec_from_file_location(f"torch_fidelity.{name}", root / f"{name}.py")
+            mod = importlib.util.module_from_spec(s)
+            sys.modules[s.name] = mod
+            s.loader.exec_module(mod)
+        return mod.FeatureExtractorInceptionV3
+    finally:
+        for k in [k for k in sys.modules if k == "torch_fidelity" or k.startswith("torch_fidelity.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def test_network_matches_torch_fidelity_bit_for_bit(weights):
+    cls = _torch_fidelity_inception()
+    if cls is None:
+        pytest.skip("torch-fidelity is not installed")
+    theirs = cls("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights))
+    ours, _ = load_inception(str(weights))
+    images = torch.randint(0, 256, (2, 3, 9, 9), dtype=torch.uint8)
+    f, lg = ours(images)
+    tf, tlg = theirs(images)
+    assert f.std() > 0.01
+    assert torch.equal(f, tf) and torch.equal(lg, tlg)
+
+
+def test_missing_weights_give_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.delenv("IMM_FAST_INCEPTION", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="--inception PATH.*IMM_FAST_INCEPTION"):
+        find_weights()
+    with pytest.raises(FileNotFoundError, match="not a file"):
+        find_weights(str(tmp_path / "nope.pth"))
+    monkeypatch.setenv("IMM_FAST_INCEPTION", str(tmp_path / "nope.pth"))
+    with pytest.raises(FileNotFoundError, match="IMM_FAST_INCEPTION"):
+        find_weights()
+    monkeypatch.delenv("IMM_FAST_INCEPTION")
+    bad = tmp_path / "bad.pth"
+    torch.save({"fc.weight": torch.zeros(3)}, bad)
+    with pytest.raises(ValueError, match="not the FID Inception"):
+        load_inception(str(bad))
+    # the command line: one line, exit 2, before anything is sampled
+    from imm_fast.__main__ import main
+    from imm_fast.checkpoint import save_model
+
+    save_model(tmp_path / "m.safetensors", random_model(**TINY))
+    err = subprocess.run([sys.executable, "-m", "imm_fast", "eval", str(tmp_path / "m.safetensors"), "--ref",
+                          str(tmp_path / "x.npz"), "--num", "4"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TORCH_HOME": str(tmp_path / "th"), "IMM_FAST_INCEPTION": ""})
+    assert err.returncode == 2 and "--inception" in err.stderr and "Traceback" not in err.stderr
+    assert main(["eval"]) == 2  # neither a checkpoint nor --ref/--ref-out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference statistics: formats
+# ---------------------------------------------------------------------------------------------------------------
+def test_statistics_npz_formats_round_trip(tmp_path):
+    rng = np.random.RandomState(0)
+    mu, f = rng.randn(6), rng.randn(20, 6)
+    sigma = np.cov(f, rowvar=False)
+    E.save_statistics(tmp_path / "ours.npz", mu, sigma, source="x", num_images=20)
+    m2, s2, info = E.load_statistics(tmp_path / "ours.npz")
+    assert np.array_equal(m2, mu) and np.array_equal(s2, sigma) and info["num_images"] == 20
+    assert info["format"] == "imm_fast"
+    np.savez(tmp_path / "edm.npz", mu=mu.astype(np.float32), sigma=sigma)  # EDM's cifar10-32x32.npz layout
+    m3, s3, info3 = E.load_statistics(tmp_path / "edm.npz")
+    assert m3.dtype == np.float64 and np.allclose(m3, mu, atol=1e-6) and info3["format"] == "edm"
+    # ADM's reference batch: images arr_0 (N, H, W, 3) uint8 + pool statistics mu/sigma + spatial mu_s/sigma_s
+    np.savez(tmp_path / "adm.npz", arr_0=rng.randint(0, 256, (4, 8, 8, 3), dtype=np.uint8), mu=mu, sigma=sigma,
+             mu_s=rng.randn(3), sigma_s=np.eye(3))
+    m4, s4, info4 = E.load_statistics(tmp_path / "adm.npz")
+    assert np.array_equal(m4, mu) and np.array_equal(s4, sigma) and info4["format"] == "adm"
+    np.savez(tmp_path / "images.npz", arr_0=rng.randint(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    assert E.load_statistics(tmp_path / "images.npz") is None  # images only: statistics get computed
+    assert E.load_reference(tmp_path / "adm.npz")[2]["format"] == "adm"
+    with pytest.raises(ValueError, match="mu"):
+        E.save_statistics(tmp_path / "bad.npz", mu, sigma[:3])
+    with pytest.raises(FileNotFoundError, match="ref="):
+        E.load_reference(tmp_path / "missing.npz")
+
+
+def test_adm_center_crop_and_dataset_sources(tmp_path):
+    from PIL import Image
+    import pickle
+
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (300, 700, 3), dtype=np.uint8))
+    out = E.adm_center_crop(img, 64)  # 300x700 -> box-halved twice (75x175) -> bicubic 64x149 -> center 64x64
+    assert out.shape == (3, 64, 64) and out.dtype == np.uint8
+    small = img.resize((350, 150), Image.BOX).resize((175, 75), Image.BOX)
+    small = small.resize((149, 64), Image.BICUBIC)
+    assert np.array_equal(out, np.asarray(small)[:, 42:106].transpose(2, 0, 1))
+    folder = tmp_path / "imgs" / "class_a"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        img.crop((i, 0, 300 + i * 50, 300)).save(folder / f"{i}.png")
+    src = E._ImageSource(tmp_path / "imgs", resolution=32)
+    assert len(src) == 3 and src.get([0, 2]).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="resolution"):
+        E._ImageSource(tmp_path / "imgs").get([0, 2])  # different sizes without a crop
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    for name in E.CIFAR10_FILES:
+        with open(cifar / name, "wb") as fh:
+            pickle.dump({b"data": np.full((2, 3072), 7, np.uint8), b"labels": [0, 1]}, fh)
+    src = E._ImageSource(cifar)
+    assert src.kind == "cifar10" and len(src) == 10 and (src.get([3]) == 7).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation: per-sample seeds, shards, resume, ranks
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    from imm_fast.checkpoint import save_model
+
+    torch.manual_seed(3)
+    path = tmp_path_factory.mktemp("model") / "ema.safetensors"
+    save_model(path, random_model(**TINY))
+    return path
+
+
+@pytest.mark.parametrize("sampler", ["pushforward", "restart"])
+def test_samples_do_not_depend_on_the_batch(model_file, sampler):
+    from imm_fast.checkpoint import load_official
+
+    model = load_official(model_file)
+    one, labels = E.generate(model, np.arange(5), 3, sampler, seed=11)
+    parts = [E.generate(model, np.arange(i, min(5, i + 2)), 3, sampler, seed=11)[0] for i in range(0, 5, 2)]
+    assert one.dtype == torch.uint8 and one.shape == (5, 3, 8, 8)
+    assert torch.equal(torch.cat(parts), one)
+    assert torch.equal(E.generate(model, [3], 3, sampler, seed=11)[0][0], one[3])
+    assert labels.tolist() == [0, 1, 2, 0, 1]
+    assert not torch.equal(E.generate(model, np.arange(5), 3, sampler, seed=12)[0], one)
+
+
+def test_resumed_shards_equal_uninterrupted_ones(model_file, tmp_path):
+    from imm_fast.checkpoint import load_official
+
+    model = load_official(model_file)
+    args = (7, 2, "pushforward", "uniform", None, 5, None)
+    E.run_shards(model, tmp_path / "full", *args, batch=2, shard_size=3, save_images=True, progress=False)
+    E.run_shards(model, tmp_path / "cut", *args, batch=3, shard_size=3, save_images=True, progress=False)
+    (tmp_path / "cut" / "shard-000001.npz").unlink()  # an interrupted run: one shard never finished
+    (tmp_path / "cut" / "shard-000002.npz").write_bytes(b"PK\x03\x04 truncated")  # and one half-written file
+    before = (tmp_path / "cut" / "shard-000000.npz").stat().st_mtime_ns
+    _, _, made = E.run_shards(model, tmp_path / "cut", *args, batch=3, shard_size=3, save_images=True,
+                              progress=False)
+    assert made == 4  # shard 0 (3 images) was kept, shards 1 (3) and 2 (1) were made again
+    assert (tmp_path / "cut" / "shard-000000.npz").stat().st_mtime_ns == before
+    for k in range(3):
+        a, b = (np.load(tmp_path / d / f"shard-{k:06d}.npz") for d in ("full", "cut"))
+        assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+
+
+WORKER = """
+import sys, numpy as np, torch
+import imm_fast
+r = imm_fast.evaluate(sys.argv[1], sys.argv[2], num=5, steps=(2,), batch=2, shard_size=2, seed=5,
+                      inception=sys.argv[3], out_dir=sys.argv[4], save_npz=True, device="cpu", progress=False,
+                      keep_cache=True)
+assert r["settings"]["world_size"] == torch.distributed.get_world_size() == 2
+print("FID", r["results"]["2"]["fid"])
+"""
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_make_the_images_of_one_process(model_file, weights, tmp_path):
+    """torchrun with 2 gloo ranks: shards 0, 2 on rank 0 and 1 on rank 1, gathered into ADM's npz layout that equals
+    one process's images; the FID is the Frechet distance of the gathered features (independent implementation)."""
+    from imm_fast.checkpoint import load_official
+
+    rng = np.random.RandomState(1)
+    mu, f = rng.randn(2048) * 0.1, rng.randn(30, 2048) * 0.1
+    E.save_statistics(tmp_path / "ref.npz", mu, np.cov(f, rowvar=False))
+    (tmp_path / "w.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(tmp_path / "w.py"), str(model_file), str(tmp_path / "ref.npz"), str(weights),
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (js,) = (tmp_path / "out").glob("eval-*.json")
+    result = json.loads(js.read_text())
+    (npz,) = (tmp_path / "out").glob("eval-*-2step.npz")
+    z = np.load(npz)
+    assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (5, 8, 8, 3) and z["arr_1"].tolist() == [0, 1, 2, 0, 1]
+    single, _ = E.generate(load_official(model_file), np.arange(5), 2, seed=5)
+    assert np.array_equal(z["arr_0"], single.permute(0, 2, 3, 1).numpy())
+    fid = result["results"]["2"]["fid"]
+    assert fid > 0 and f"FID {fid}" in p.stdout and result["results"]["2"]["made_now"] == 5
+    (cache,) = (tmp_path / "out").glob("eval-cache/*/2step")
+    feats, _ = E._gather_shards(cache, 5, 2)
+    mu_r, s_r, _ = E.load_statistics(tmp_path / "ref.npz")
+    assert fid == pytest.approx(_fd_eigh(*M.feature_statistics(feats), mu_r, s_r), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole pipeline with the (random) Inception network
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_evaluate_end_to_end(model_file, weights, tmp_path, capsys):
+    """evaluate() against a reference made of the samples themselves, given as an ADM-layout file (uint8 NHWC arr_0):
+    the reference statistics equal the samples' and FID(X, X) ~ 0; the json holds settings, hashes and metrics.
+    (FID > 0 against other statistics: the gloo test; resuming: run_shards. Each FID is a 2048x2048 sqrtm, slow on
+    a small CPU, so this test computes one.)"""
+    from imm_fast.checkpoint import load_official
+    from imm_fast.inception import file_sha256
+
+    model = load_official(model_file)
+    x1, _ = E.generate(model, np.arange(4), 1, seed=0)
+    np.savez(tmp_path / "ref_images.npz", arr_0=x1.permute(0, 2, 3, 1).numpy())  # ADM sample-batch layout
+    out = tmp_path / "out"
+    r = E.evaluate(model_file, tmp_path / "ref_images.npz", num=4, steps=(1,), batch=3, shard_size=3,
+                   inception=str(weights), out_dir=str(out), keep_cache=True, progress=False)
+    assert "| 1 | 1 |" in capsys.readouterr().out
+    saved = json.loads(Path(r["json"]).read_text())
+    assert saved["checkpoint_sha256"] == file_sha256(model_file)
+    assert saved["inception_sha256"] == file_sha256(weights)
+    assert saved["settings"]["num"] == 4 and saved["settings"]["steps"] == [1]
+    assert saved["reference"]["num_images"] == 4 and saved["reference"]["kind"] == "array"
+    row = saved["results"]["1"]
+    assert row["images"] == 4 and row["made_now"] == 4 and row["seconds"] > 0 and row["is_mean"] >= 1 - 1e-9
+    (ref_file,) = (out / "eval-cache").glob("reference-*.npz")
+    assert r["reference"]["path"] == str(ref_file)  # computed once from the images, cached beside the results
+    mu_r, s_r, _ = E.load_statistics(ref_file)
+    (cache,) = (out / "eval-cache").glob("*/1step")
+    feats, _ = E._gather_shards(cache, 4, 3)
+    mu, s = M.feature_statistics(feats)
+    assert s.std() > 1e-3  # the random network's features differ between images
+    np.testing.assert_allclose(mu, mu_r, rtol=1e-5, atol=1e-6 * np.abs(mu_r).max())
+    np.testing.assert_allclose(s, s_r, rtol=1e-4, atol=1e-5 * np.abs(s_r).max())
+    assert abs(row["fid"]) < 1e-5 * np.trace(s_r)
+    net, _ = load_inception(str(weights))
+    alone = inception_outputs(net, x1[3:])[0][0]  # sample 3 by itself
+    torch.testing.assert_close(torch.from_numpy(feats[3]).double(), alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_train_time_fid(model_file, weights, tmp_path):
+    from imm_fast.checkpoint import load_official
+    from imm_fast.config import TrainConfig, DataConfig
+
+    model = load_official(model_file).train()  # the loop's EMA may be in train mode: it is restored after
+    rng = np.random.RandomState(2)
+    E.save_statistics(tmp_path / "ref.npz", rng.randn(2048) * 0.1, np.cov(rng.randn(10, 2048) * 0.1, rowvar=False))
+    cfg = TrainConfig(data=DataConfig(source="cifar10", path=str(tmp_path)), eval_num=2, eval_steps=(1,),
+                      eval_ref=str(tmp_path / "ref.npz"), inception=str(weights), batch_size=8)
+    out = E.train_time_fid(model, cfg, "cpu", 10)
+    assert set(out) == {"fid_1step", "is_1step", "fid_num", "fid_step", "fid_seconds"} and out["fid_1step"] > 0
+    assert model.training
+    lat = TrainConfig(data=DataConfig(source="latents", path=str(tmp_path)), batch_size=8)
+    assert "vae_path" in E.train_time_fid(model, lat, "cpu", 10)["message"]
+    with pytest.raises(ValueError, match="eval_num"):
+        TrainConfig(eval_num=1)
+    with pytest.raises(ValueError, match="eval_ref"):
+        TrainConfig(eval_ref="")
