@@ -13,7 +13,9 @@ extra_info: images_per_s (N / seconds per sample() call), steps, nfe (network ca
 peak_mem_gb (GiB above what was allocated before the timed calls: the model and its graphs are excluded).
 VAE decode (sd-vae-ft-ema architecture, random weights): needs diffusers, else it skips with a message.
 
-    pytest benchmarks/bench_sample.py -k cpu                     # CPU tier (runs here)
+    pytest benchmarks/bench_sample.py -k cpu                     # CPU tier (runs here, torch's threads)
+Ratio tests (test_sample_*_ratio, benchmarks/ratio_gate.py): the providers interleaved, their speed-ups over
+the reference gated against a stored baseline (--ratio-baseline).
     IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_sample.py -k gpu   # on a CUDA machine: batch 64 only
 """
 from __future__ import annotations
@@ -37,7 +39,6 @@ CFG_SCALE = 1.5
 GPU_BATCHES = (64,) if QUICK else (64, 256)
 CPU_BATCH = 16
 CPU_STEPS = (1, 4)
-CPU_THREADS = 2
 
 
 def model_config(name, device):
@@ -120,12 +121,7 @@ def run_bench(benchmark, name, batch, steps, provider, device, rounds):
 @pytest.mark.parametrize("steps", CPU_STEPS)
 @pytest.mark.parametrize("provider", ["reference", "fused"])
 def test_sample_cpu(benchmark, provider, steps):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
-    try:
-        run_bench(benchmark, "tiny", CPU_BATCH, steps, provider, "cpu", rounds=3)
-    finally:
-        torch.set_num_threads(prev)
+    run_bench(benchmark, "tiny", CPU_BATCH, steps, provider, "cpu", rounds=3)
 
 
 @pytest.mark.gpu
@@ -165,3 +161,21 @@ def test_vae_decode_gpu(benchmark, batch):
     if benchmark.disabled:
         return
     benchmark.extra_info.update(provider="reference", batch=batch, images_per_s=batch / benchmark.stats.stats.mean)
+
+
+def run_ratio(ratio_bench, name, batch, steps, providers, device, rounds):
+    model = get_model(name, device)
+    fns = {p: make_sample_step(model, batch, steps, p, device) for p in providers}
+    ratio_bench(f"sample-{name.replace('/', '')}-b{batch}-steps{steps}-cfg{CFG_SCALE}", fns, baselines=("reference",),
+                rounds=rounds, warmup=1, device=device)
+
+
+def test_sample_cpu_ratio(ratio_bench):
+    run_ratio(ratio_bench, "tiny", CPU_BATCH, CPU_STEPS[-1], ("reference", "fused"), "cpu", rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch", GPU_BATCHES[:1], ids=lambda b: f"b{b}")
+def test_sample_gpu_ratio(ratio_bench, batch):
+    run_ratio(ratio_bench, "XL/2", batch, STEPS[-1], PROVIDERS, "cuda", rounds=10)

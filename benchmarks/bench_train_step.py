@@ -22,7 +22,9 @@ Environment:
   IMM_FAST_BENCH_COMPILE=off      skip the +compile providers (the cheapest device run).
 XL/2 at b128/b256 may not fit with fp32 AdamW states; such cases skip with the OOM message.
 
-    pytest benchmarks/bench_train_step.py -k cpu                    # CPU tier (runs here)
+    pytest benchmarks/bench_train_step.py -k cpu                    # CPU tier (runs here, torch's threads)
+Ratio tests (test_train_step_*_ratio, benchmarks/ratio_gate.py): reference and fused (eager) interleaved, the
+fused speed-up gated against a stored baseline (--ratio-baseline).
     IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_train_step.py -k gpu  # on a CUDA machine
 """
 from __future__ import annotations
@@ -48,7 +50,6 @@ LABEL_DIM = 1000
 GPU_CASES = ([("S/2", 256), ("XL/2", 64), ("XL/2", 128)] if QUICK else
              [(m, b) for m in ("S/2", "B/2", "XL/2") for b in (64, 128, 256)])
 CPU_CASES = [("tiny", 16)]
-CPU_THREADS = 2
 
 
 def model_config(name, provider, device):
@@ -155,12 +156,7 @@ def run_bench(benchmark, name, batch, provider, device, rounds, warmup_steps):
 @pytest.mark.parametrize("provider", ["reference", "fused"])
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
 def test_train_step_cpu(benchmark, case, provider):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
-    try:
-        run_bench(benchmark, case[0], case[1], provider, "cpu", rounds=3, warmup_steps=1)
-    finally:
-        torch.set_num_threads(prev)
+    run_bench(benchmark, case[0], case[1], provider, "cpu", rounds=3, warmup_steps=1)
 
 
 @pytest.mark.gpu
@@ -174,3 +170,32 @@ def test_train_step_gpu(benchmark, case, provider):
     if compiled and COMPILE_MODE == "off":
         pytest.skip("IMM_FAST_BENCH_COMPILE=off")
     run_bench(benchmark, name, batch, provider, "cuda", rounds=3 if big else 5, warmup_steps=2 if compiled else 1)
+
+
+def run_ratio(ratio_bench, name, batch, device, rounds, providers=("reference", "fused")):
+    """The eager providers interleaved (both models alive at once); +compile stays out of the gate (compile time)."""
+    _free(device)
+    try:
+        steps = {p: make_train_step(name, batch, p, device)[0] for p in providers}
+        ratio_bench(f"train_step-{name.replace('/', '')}-b{batch}", steps, baselines=("reference",), rounds=rounds,
+                    warmup=2, device=device)
+    except torch.OutOfMemoryError as e:
+        oom = str(e).strip().splitlines()[0][:200]
+    else:
+        oom = None
+    steps = None
+    _free(device)
+    if oom is not None:
+        pytest.skip(f"{name} b{batch}: out of memory with {len(providers)} models ({oom})")
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
+def test_train_step_cpu_ratio(ratio_bench, case):
+    run_ratio(ratio_bench, case[0], case[1], "cpu", rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0].replace('/', '')}-b{c[1]}")
+def test_train_step_gpu_ratio(ratio_bench, case):
+    run_ratio(ratio_bench, case[0], case[1], "cuda", rounds=10 if case[0] == "XL/2" else 20)
