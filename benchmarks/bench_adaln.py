@@ -133,4 +133,5 @@ def test_adaln_cpu(benchmark, op, mode, provider):
 def test_adaln_gpu_ratio(ratio_bench, name, op, mode):
     steps = {p: make_step(GPU_SHAPES[name], torch.bfloat16, "cuda", op, mode, p)[0]
              for p in ("ref", "compile", "triton")}
-    ratio_bench(f"adaln-{name}-{op}-{mode}", steps, baselines=("ref", "compile"), warmup=3, device="cuda")
+    ratio_bench(f"adaln-{name}-{op}-{mode}", steps, baselines=("ref", "compile"), rounds=10, warmup=3,
+                device="cuda")

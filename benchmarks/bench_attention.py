@@ -139,7 +139,7 @@ def test_attention_gpu_ratio(ratio_bench, shape_name, mode):
             continue
         steps[p] = functools.partial(step, qkv, do)
     ratio_bench(f"attention-{shape_name}-{mode}", steps, baselines=tuple(p for p in PROVIDERS if p != "triton"),
-                warmup=3, device="cuda")
+                rounds=10, warmup=3, device="cuda")
 
 
 def _do_bench(fn):

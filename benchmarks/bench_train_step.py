@@ -198,4 +198,4 @@ def test_train_step_cpu_ratio(ratio_bench, case):
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0].replace('/', '')}-b{c[1]}")
 def test_train_step_gpu_ratio(ratio_bench, case):
-    run_ratio(ratio_bench, case[0], case[1], "cuda", rounds=10 if case[0] == "XL/2" else 20)
+    run_ratio(ratio_bench, case[0], case[1], "cuda", rounds=10)

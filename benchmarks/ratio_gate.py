@@ -281,16 +281,17 @@ def ratio_key(group, kernel, baseline):
 
 @pytest.fixture
 def ratio_bench(benchmark, request):
-    """measure(group, providers, baselines, rounds=20, warmup=2, device="cpu", min_sample_s=0.03)
+    """measure(group, providers, baselines, rounds=20, warmup=2, device="cpu", min_sample_s=None)
     -> {key: speed-up}, or None under --benchmark-disable (each provider then runs once, untimed).
 
     providers: {name: callable()} (each synchronizes its device), the baselines among them by name. Every
     non-baseline provider is gated against every baseline. A timed sample of a provider is as many back-to-back
-    calls as last min_sample_s (calibrated after the warm-up); its time per call enters the round.
+    calls as last min_sample_s (calibrated after the warm-up; default 30 ms on the CPU, where the scheduler's time
+    slices must average out, 10 ms on a GPU); its time per call enters the round.
     """
     session: RatioSession = request.config._imm_ratio
 
-    def measure(group, providers, baselines, rounds=20, warmup=2, device="cpu", min_sample_s=0.03):
+    def measure(group, providers, baselines, rounds=20, warmup=2, device="cpu", min_sample_s=None):
         if not any(b in providers for b in baselines) or all(p in baselines for p in providers):
             raise ValueError(f"ratio test {group!r}: providers {list(providers)} need a baseline among "
                              f"{list(baselines)} and a provider that is not one")
@@ -310,6 +311,8 @@ def ratio_bench(benchmark, request):
             return None
         load_before = load_avg()
         interleaved_times(fns, warmup, timer)  # warm-up: compile, autotune, caches; not recorded
+        if min_sample_s is None:
+            min_sample_s = 0.03 if device == "cpu" else 0.01
         calls = calibrate(fns, min_sample_s, timer)
         samples = repeated(fns, calls)
         state = {"round": 0, "times": {p: [] for p in fns}}

@@ -251,3 +251,17 @@ def test_parse_threshold(text, value):
 def test_benchmarks_leave_the_thread_count_to_the_user():
     for path in BENCH.glob("bench_*.py"):
         assert "set_num_threads" not in path.read_text(), f"{path.name} overrides the user's torch threads"
+
+
+def test_summarize_prints_the_speedups(gate, pytester, capsys):
+    """benchmarks/summarize.py reads both the pytest-benchmark JSON of a ratio run and a ratio baseline."""
+    gate("--benchmark-json", "out.json", "--ratio-save", "base.json").assert_outcomes(passed=1)
+    sys.path.insert(0, str(BENCH))
+    try:
+        import summarize
+    finally:
+        sys.path.remove(str(BENCH))
+    summarize.main([str(pytester.path / "out.json"), str(pytester.path / "base.json")])
+    out = capsys.readouterr().out
+    assert out.count("| syn-case: kernel vs ref | ") == 2, out
+    assert "torch threads" in out and "| case: kernel vs baseline | speed-up |" in out
