@@ -300,15 +300,15 @@ def ratio_bench(benchmark, request):
             fns = {p: (f if p in baselines else (lambda f=f: (f(), f()))) for p, f in fns.items()}
         elif session.inject == "copy":
             _inject_launcher_copy(request)
-        mismatch = _mismatch(session, device)
-        if mismatch:
-            pytest.fail(mismatch, pytrace=False)
         rounds = session.rounds or rounds
         timer = getattr(benchmark, "_timer", None) or __import__("time").perf_counter
         benchmark.group = f"ratio-{group}"
         if benchmark.disabled:  # CI smoke: every provider once, untimed
             benchmark.pedantic(lambda: [f() for f in fns.values()], rounds=1, iterations=1)
             return None
+        mismatch = _mismatch(session, device)
+        if mismatch:
+            pytest.fail(mismatch, pytrace=False)
         load_before = load_avg()
         interleaved_times(fns, warmup, timer)  # warm-up: compile, autotune, caches; not recorded
         if min_sample_s is None:
@@ -354,6 +354,8 @@ def ratio_bench(benchmark, request):
                                                                                                 load_after]}
             base = session.baseline_of(key)
             status = "new" if base is None else ("FAIL" if (k, b) in failing else "ok")
+            if attempts > 1:  # the table says when a case needed its confirming measurement
+                status += f" ({attempts} measurements)"
             session.rows.append((key, base, s, status))
         session.save()
         if failing:
@@ -424,7 +426,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for key, base, s, status in session.rows:
         b = "-" if base is None else f"{base:.3f}x"
         ch = "-" if base is None else f"{s / base - 1:+.1%}"
-        tr.write_line(f"{key:<{w}}  {b:>9}  {s:>8.3f}x  {ch:>8}  {status}", red=status == "FAIL")
+        tr.write_line(f"{key:<{w}}  {b:>9}  {s:>8.3f}x  {ch:>8}  {status}", red=status.startswith("FAIL"))
     m = env_info()
     tr.write_line(f"measured: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']}, "
                   f"triton {m['triton']}, cuda {m['cuda_device']}, load {load_avg()}")

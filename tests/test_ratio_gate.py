@@ -1,7 +1,8 @@
 """The ratio gate of the benchmarks (benchmarks/ratio_gate.py), on a synthetic provider pair so that CI stays fast.
 
-The pair sleeps: the reference SLOW_MS, the kernel FAST_MS per call (both read from the environment of the inner
-pytest run), so the speed-up is about SLOW_MS / FAST_MS whatever else the machine runs. The inner runs go through
+The pair does a fixed amount of Python work: the reference SLOW_UNITS, the kernel FAST_UNITS per call (both read
+from the environment of the inner pytest run; 320 and 40 by default, a few ms), so the speed-up is about 8 however
+loaded the machine is. The inner runs go through
 pytester with the plugin loaded by a conftest, as benchmarks/conftest.py loads it.
 """
 from __future__ import annotations
@@ -46,18 +47,19 @@ import time
 CALLS = []
 
 
-def sleeper(ms, name):
-    def f():
+def worker(units, name):
+    def f():  # a fixed amount of work, like a kernel: a loaded machine slows both providers alike
         CALLS.append(name)
-        time.sleep(ms / 1000)
+        for _ in range(int(units)):
+            sum(range(500))
     return f
 
 
 def test_syn_ratio(ratio_bench):
-    fast = float(os.environ.get("FAST_MS", "1"))
-    slow = float(os.environ.get("SLOW_MS", "4"))
-    out = ratio_bench("syn-case", {"ref": sleeper(slow, "ref"), "kernel": sleeper(fast, "kernel")},
-                      baselines=("ref",), rounds=6, warmup=1, min_sample_s=0.004)
+    fast = float(os.environ.get("FAST_UNITS", "40"))
+    slow = float(os.environ.get("SLOW_UNITS", "320"))
+    out = ratio_bench("syn-case", {"ref": worker(slow, "ref"), "kernel": worker(fast, "kernel")},
+                      baselines=("ref",), rounds=15, warmup=1, min_sample_s=0.008)
     if out is None:  # --benchmark-disable: each provider ran once, untimed
         assert CALLS == ["ref", "kernel"], CALLS
     else:
@@ -67,7 +69,8 @@ def test_syn_ratio(ratio_bench):
 
 @pytest.fixture
 def gate(pytester, monkeypatch):
-    """run(*args, fast=1, slow=4, env=None) -> the inner pytest run's RunResult."""
+    """run(*args, fast=40, slow=320, env=None) -> the inner pytest run's RunResult. The unit tests allow a 30% drop
+    (the gate's noise on this shared machine is measured in benchmarks/RESULTS.md); the slowdowns are 2x or more."""
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_syn=SYNTHETIC)
     monkeypatch.delenv(ratio_gate.INJECT_ENV, raising=False)
@@ -75,9 +78,9 @@ def gate(pytester, monkeypatch):
     monkeypatch.setattr(pb_plugin, "get_cpu_info", _cpu_info_once)
     monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")  # inner runs: pytest-benchmark only (-p below)
 
-    def run(*args, fast=1, slow=4, env=None):
-        monkeypatch.setenv("FAST_MS", str(fast))
-        monkeypatch.setenv("SLOW_MS", str(slow))
+    def run(*args, fast=40, slow=320, env=None):
+        monkeypatch.setenv("FAST_UNITS", str(fast))
+        monkeypatch.setenv("SLOW_UNITS", str(slow))
         for k, v in (env or {}).items():
             monkeypatch.setenv(k, v)
         try:
@@ -101,8 +104,8 @@ def test_save_records_speedup_and_machine(gate, pytester):
     data = _save(gate, pytester)
     assert data["format"] == ratio_gate.FORMAT
     entry = data["ratios"]["syn-case: kernel vs ref"]
-    assert 2.0 < entry["speedup"] < 6.0, entry  # 4 ms / 1 ms, give or take the sleeps' wake-up latency
-    assert entry["kernel"] == "kernel" and entry["baseline"] == "ref" and entry["rounds"] == 6
+    assert 5.0 < entry["speedup"] < 11.0, entry  # 320 / 40 units
+    assert entry["kernel"] == "kernel" and entry["baseline"] == "ref" and entry["rounds"] == 15
     m = data["machine"]
     assert m["threads"] == torch.get_num_threads() and m["torch"] == torch.__version__ and m["cores"] >= 1
     assert m["cpu"] and "triton" in m and "cuda_device" in m
@@ -111,7 +114,7 @@ def test_save_records_speedup_and_machine(gate, pytester):
 def test_unchanged_code_passes_and_prints_the_table(gate, pytester):
     _save(gate, pytester)
     before = (pytester.path / "base.json").read_bytes()
-    r = gate("--ratio-baseline", "base.json", "--ratio-fail", "20%")
+    r = gate("--ratio-baseline", "base.json", "--ratio-fail", "30%")
     r.assert_outcomes(passed=1)
     r.stdout.re_match_lines([r".*ratio gate.*", r"speed-up\s+baseline\s+now\s+change\s+status",
                              r"syn-case: kernel vs ref\s+\d+\.\d+x\s+\d+\.\d+x\s+[+-]\d+\.\d%\s+ok"])
@@ -120,22 +123,23 @@ def test_unchanged_code_passes_and_prints_the_table(gate, pytester):
 
 def test_slowdown_fails_after_a_confirming_measurement(gate, pytester):
     _save(gate, pytester)
-    r = gate("--ratio-baseline", "base.json", "--ratio-fail", "20%", fast=2.5)
+    r = gate("--ratio-baseline", "base.json", "--ratio-fail", "30%", fast=100)
     r.assert_outcomes(failed=1)
-    r.stdout.fnmatch_lines(["*speed-up dropped more than 20% (2 measurements)*", "*syn-case: kernel vs ref*FAIL"])
+    r.stdout.fnmatch_lines(["*speed-up dropped more than 30% (2 measurements)*",
+                            "*syn-case: kernel vs ref*FAIL (2 measurements)"])
 
 
 def test_injected_double_work_fails(gate, pytester):
     _save(gate, pytester)
-    r = gate("--ratio-baseline", "base.json", env={ratio_gate.INJECT_ENV: "twice"})
+    r = gate("--ratio-baseline", "base.json", "--ratio-fail", "30%", env={ratio_gate.INJECT_ENV: "twice"})
     r.assert_outcomes(failed=1)
-    r.stdout.fnmatch_lines(["*IMM_FAST_BENCH_INJECT=twice*", "*syn-case: kernel vs ref*FAIL"])
+    r.stdout.fnmatch_lines(["*IMM_FAST_BENCH_INJECT=twice*", "*syn-case: kernel vs ref*FAIL*"])
 
 
 def test_threshold_is_respected(gate, pytester):
     _save(gate, pytester)
-    # 4 -> 4/2.5 = 1.6: a 60% drop fails at 20% and passes when 80% is allowed
-    gate("--ratio-baseline", "base.json", "--ratio-fail", "80%", fast=2.5).assert_outcomes(passed=1)
+    # 8 -> 320/100 = 3.2: a 60% drop fails at 30% (above) and passes when 80% is allowed
+    gate("--ratio-baseline", "base.json", "--ratio-fail", "80%", fast=100).assert_outcomes(passed=1)
 
 
 def test_benchmark_disable_runs_each_provider_once_and_records_nothing(gate, pytester):
@@ -149,10 +153,10 @@ def test_benchmark_json_is_complete(gate, pytester):
     data = json.loads((pytester.path / "out.json").read_text())
     assert data["machine_info"]["imm_fast"]["threads"] >= 1
     (b,) = data["benchmarks"]
-    assert b["group"] == "ratio-syn-case" and b["stats"]["rounds"] == 6
+    assert b["group"] == "ratio-syn-case" and b["stats"]["rounds"] == 15
     info = b["extra_info"]
     assert set(info["median_s"]) == {"ref", "kernel"} and info["speedup"]["kernel vs ref"] > 2.0
-    assert info["calls_per_sample"]["kernel"] >= 2  # 1 ms calls are batched up to the 4 ms sample
+    assert info["calls_per_sample"]["kernel"] > info["calls_per_sample"]["ref"]  # short calls batched to 8 ms
 
 
 @pytest.mark.parametrize("value, match", [("150%", "between 0% and 100%"), ("0", "between 0% and 100%"),
