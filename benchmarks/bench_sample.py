@@ -14,9 +14,10 @@ peak_mem_gb (GiB above what was allocated before the timed calls: the model and 
 VAE decode (sd-vae-ft-ema architecture, random weights): needs diffusers, else it skips with a message.
 
     pytest benchmarks/bench_sample.py -k cpu                     # CPU tier (runs here, torch's threads)
+    IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_sample.py -k gpu   # on a CUDA machine: batch 64 only
+
 Ratio tests (test_sample_*_ratio, benchmarks/ratio_gate.py): the providers interleaved, their speed-ups over
 the reference gated against a stored baseline (--ratio-baseline).
-    IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_sample.py -k gpu   # on a CUDA machine: batch 64 only
 """
 from __future__ import annotations
 

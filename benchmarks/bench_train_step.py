@@ -23,9 +23,10 @@ Environment:
 XL/2 at b128/b256 may not fit with fp32 AdamW states; such cases skip with the OOM message.
 
     pytest benchmarks/bench_train_step.py -k cpu                    # CPU tier (runs here, torch's threads)
+    IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_train_step.py -k gpu  # on a CUDA machine
+
 Ratio tests (test_train_step_*_ratio, benchmarks/ratio_gate.py): reference and fused (eager) interleaved, the
 fused speed-up gated against a stored baseline (--ratio-baseline).
-    IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_train_step.py -k gpu  # on a CUDA machine
 """
 from __future__ import annotations
 
