@@ -435,6 +435,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             tr.write_line(f"--ratio-save: NOT written: {session.save_error}", red=True)
         elif session.measured:
             tr.write_line(f"--ratio-save: wrote {len(session.measured)} speed-ups to {session.save_path}")
+        else:
+            tr.write_line(f"--ratio-save: no ratio test measured anything; {session.save_path} left as it was")
 
 
 def pytest_sessionfinish(session, exitstatus):

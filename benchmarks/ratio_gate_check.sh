@@ -29,3 +29,22 @@ for i in $(seq 1 "$N"); do  # the kinds take turns, so each sees the same spread
 done
 unset IMM_FAST_BENCH_INJECT
 for kind in $KINDS; do echo "$kind: the gate passed ${pass[$kind]} of $N runs"; done
+# Per kind and speed-up: the range measured and its change against the baseline, from the runs' tables.
+python3 - "$LOGS" $KINDS <<'PY'
+import collections, glob, re, sys
+logs, kinds = sys.argv[1], sys.argv[2:]
+row = re.compile(r"^(\S.*? vs \S+)\s+([\d.]+)x\s+([\d.]+)x\s+([+-][\d.]+)%\s+(.*)$")
+print("| kind | speed-up | measured | change | statuses |")
+print("|---|---|---|---|---|")
+for kind in kinds:
+    seen = collections.defaultdict(list)
+    for f in sorted(glob.glob(f"{logs}/{kind}-*.log")):
+        for line in open(f):
+            m = row.match(line.rstrip())
+            if m:
+                seen[m.group(1)].append((float(m.group(3)), float(m.group(4)), m.group(5)))
+    for key, v in seen.items():
+        now, ch = [x[0] for x in v], [x[1] for x in v]
+        st = dict(collections.Counter(x[2] for x in v))
+        print(f"| {kind} | {key} | {min(now):.2f}-{max(now):.2f}x | {min(ch):+.1f}% .. {max(ch):+.1f}% | {st} |")
+PY

@@ -145,6 +145,7 @@ def test_threshold_is_respected(gate, pytester):
 def test_benchmark_disable_runs_each_provider_once_and_records_nothing(gate, pytester):
     r = gate("--benchmark-disable", "--ratio-save", "base.json")
     r.assert_outcomes(passed=1)
+    r.stdout.fnmatch_lines(["*--ratio-save: no ratio test measured anything; base.json left as it was"])
     assert not (pytester.path / "base.json").exists()
 
 
