@@ -270,3 +270,28 @@ def test_summarize_prints_the_speedups(gate, pytester, capsys):
     out = capsys.readouterr().out
     assert out.count("| syn-case: kernel vs ref | ") == 2, out
     assert "torch threads" in out and "| case: kernel vs baseline | speed-up |" in out
+
+
+def test_copy_injection_wraps_the_mmd_launcher(monkeypatch):
+    """IMM_FAST_BENCH_INJECT=copy: the launcher receives copies of x and y (extra traffic); undone after the test."""
+    import torch
+    from imm_fast.ops import mmd
+
+    seen = []
+    monkeypatch.setattr(mmd, "_launch", lambda backend, x2d, y2d, *args: seen.append((backend, x2d, y2d, args)))
+    spy = mmd._launch
+    finalizers = []
+
+    class Request:
+        addfinalizer = finalizers.append
+
+    ratio_gate._inject_launcher_copy(Request)
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    mmd._launch("cpp", x, y, 2, "rest")
+    (backend, x2, y2, args), = seen
+    assert backend == "cpp" and args == (2, "rest")
+    assert x2.data_ptr() != x.data_ptr() and y2.data_ptr() != y.data_ptr()
+    assert torch.equal(x2, x) and torch.equal(y2, y)
+    for f in finalizers:
+        f()
+    assert mmd._launch is spy
