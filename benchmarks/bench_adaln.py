@@ -9,6 +9,8 @@ extra_info: GB/s over the memory-traffic floor (N = B*T*C elements of the stream
 and floor_frac = that rate / the device's measured copy bandwidth; peak memory on CUDA.
 
     pytest benchmarks/bench_adaln.py            # CPU tier (ref vs compile) here; GPU shapes need CUDA
+Ratio tests (test_adaln_gpu_ratio, benchmarks/ratio_gate.py): ref, compile and triton interleaved, triton's
+speed-ups gated against a stored baseline (--ratio-baseline). No CPU ratio test: no imm_fast kernel runs there.
 """
 from __future__ import annotations
 
@@ -65,9 +67,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _run(benchmark, name, shape, dtype, device, op, mode, provider):
-    if provider == "triton" and device != "cuda":
-        pytest.skip("the Triton kernels are benchmarked on CUDA (the CPU interpreter is not a speed)")
+def make_step(shape, dtype, device, op, mode, provider):
+    """(step, x): step() runs `op` (forward, or forward+backward) of `provider` once and synchronizes."""
     B, T, C = shape
     x = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
     y = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
@@ -84,12 +85,21 @@ def _run(benchmark, name, shape, dtype, device, op, mode, provider):
             x.grad = y.grad = mod.grad = None
         _sync(device)
 
+    return step, x
+
+
+def _run(benchmark, name, shape, dtype, device, op, mode, provider):
+    if provider == "triton" and device != "cuda":
+        pytest.skip("the Triton kernels are benchmarked on CUDA (the CPU interpreter is not a speed)")
+    step, x = make_step(shape, dtype, device, op, mode, provider)
     for _ in range(3):  # warm-up: compile, autotune
         step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     benchmark.group = f"adaln-{name}-{op}-{mode}"
     benchmark(step)
+    if benchmark.disabled:
+        return
     fwd, bwd = TRAFFIC[op]
     nbytes = (fwd + (bwd if mode == "fwdbwd" else 0)) * x.numel() * x.element_size()
     gbps = nbytes / benchmark.stats.stats.mean / 1e9
@@ -112,5 +122,16 @@ def test_adaln_gpu(benchmark, name, op, mode, provider):
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("op", ["residual_adaln"])
 def test_adaln_cpu(benchmark, op, mode, provider):
-    torch.set_num_threads(2)
     _run(benchmark, "cpu", CPU_SHAPES["cpu"], torch.float32, "cpu", op, mode, provider)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("op", list(TRAFFIC))
+@pytest.mark.parametrize("name", list(GPU_SHAPES))
+def test_adaln_gpu_ratio(ratio_bench, name, op, mode):
+    steps = {p: make_step(GPU_SHAPES[name], torch.bfloat16, "cuda", op, mode, p)[0]
+             for p in ("ref", "compile", "triton")}
+    ratio_bench(f"adaln-{name}-{op}-{mode}", steps, baselines=("ref", "compile"), rounds=10, warmup=3,
+                device="cuda")

@@ -8,6 +8,8 @@ GB/s of the minimal traffic (forward reads qkv, writes o: 4*B*T*C elements; back
 writes dqkv: 8 more) and peak memory (CUDA).
 
     pytest benchmarks/bench_attention.py                  # pytest-benchmark table
+                                                          # (+ test_attention_gpu_ratio: the ratio gate,
+                                                          # benchmarks/ratio_gate.py; no kernel on the CPU)
     python benchmarks/bench_attention.py --tune           # CUDA: sweep the kernels' launch configurations,
                                                           # printed as FWD_CONFIGS/BWD_CONFIGS entries
     python benchmarks/bench_attention.py --table          # CUDA: triton vs fastest SDPA per (Dh, dtype),
@@ -68,12 +70,20 @@ def make_step(provider, H, mode):
     return step
 
 
-def run_bench(benchmark, shape_name, shape, provider, mode, dtype, device):
+def make_inputs(shape, mode, dtype, device):
+    """(qkv (B, T, 3C), do (B, T, C)): fresh random inputs, qkv requiring grad for forward+backward."""
     B, H, T, Dh = shape
     C = H * Dh
     g = torch.Generator(device=device).manual_seed(0)
     qkv = torch.randn(B, T, 3 * C, device=device, dtype=dtype, generator=g).requires_grad_(mode == "fwdbwd")
     do = torch.randn(B, T, C, device=device, dtype=dtype, generator=g)
+    return qkv, do
+
+
+def run_bench(benchmark, shape_name, shape, provider, mode, dtype, device):
+    B, H, T, Dh = shape
+    C = H * Dh
+    qkv, do = make_inputs(shape, mode, dtype, device)
     step = make_step(provider, H, mode)
     try:
         for _ in range(3):  # warm-up: compile / autotune / backend choice
@@ -110,6 +120,26 @@ def test_attention_gpu(benchmark, shape_name, provider, mode):
 @pytest.mark.parametrize("shape_name", list(CPU_SHAPES))
 def test_attention_cpu(benchmark, shape_name, provider, mode):
     run_bench(benchmark, shape_name, CPU_SHAPES[shape_name], provider, mode, torch.float32, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape_name", list(GPU_SHAPES))
+def test_attention_gpu_ratio(ratio_bench, shape_name, mode):
+    """triton against every SDPA backend that takes the shape and torch.compile(attention_ref), interleaved."""
+    B, H, T, Dh = GPU_SHAPES[shape_name]
+    qkv, do = make_inputs(GPU_SHAPES[shape_name], mode, torch.bfloat16, "cuda")
+    steps = {}
+    for p in PROVIDERS:
+        step = make_step(p, H, mode)
+        try:
+            step(qkv, do)
+        except RuntimeError:  # an SDPA backend that does not take this shape/dtype: not a baseline here
+            continue
+        steps[p] = functools.partial(step, qkv, do)
+    ratio_bench(f"attention-{shape_name}-{mode}", steps, baselines=tuple(p for p in PROVIDERS if p != "triton"),
+                rounds=10, warmup=3, device="cuda")
 
 
 def _do_bench(fn):

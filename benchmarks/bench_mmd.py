@@ -6,8 +6,11 @@ Providers: ref (mmd_loss_ref, eager), compile (torch.compile(mmd_loss_ref)), cpp
 extra_info: GB/s of the memory-traffic floor (forward reads x and y once; forward+backward also writes dL/dx
 once) from the mean time (gbps) and the best time (gbps_best), floor_frac(_best) = that rate / the measured copy
 bandwidth of the device (copy_gbps: best torch copy_ of a large tensor, read + write), peak memory on CUDA.
+Ratio tests (test_mmd_*_ratio, benchmarks/ratio_gate.py): every available provider interleaved, the kernels'
+speed-ups over ref and compile gated against a stored baseline (--ratio-baseline).
 
-    pytest benchmarks/bench_mmd.py                  # CPU tier runs here (2 threads); GPU shapes skip without CUDA
+    pytest benchmarks/bench_mmd.py                  # CPU tier runs here (torch's threads as set by the user);
+                                                    # GPU shapes skip without CUDA
     pytest benchmarks/bench_mmd.py -k gpu           # on a CUDA machine
 """
 from __future__ import annotations
@@ -23,7 +26,6 @@ from imm_fast.ops.mmd import mmd_loss, mmd_loss_ref
 CUDA = torch.cuda.is_available()
 CPU_SHAPES = [(512, 4, 3072)]
 GPU_SHAPES = [(4096, 4, 4096), (4096, 8, 3072), (4096, 16, 4096), (1024, 4, 12288)]
-CPU_THREADS = 2
 
 
 def _ext_available(device_type):
@@ -67,13 +69,18 @@ def _make_fn(provider):
     return functools.partial(mmd_loss, backend=provider)
 
 
-def run_bench(benchmark, shape, provider, mode, dtype, device):
+def _skip_reason(provider, device):
+    if provider in ("cpp", "cuda") and not _ext_available(device):
+        return f"the {provider} extension is not available"
+    if provider == "triton" and device != "cuda":
+        return "triton is benchmarked on CUDA only"
+    return None
+
+
+def make_step(shape, provider, mode, dtype, device):
+    """(step, x): step() runs one forward (or forward+backward, dL/dx only) of `provider` and synchronizes."""
     B, M, D = shape
     G = B // M
-    if provider in ("cpp", "cuda") and not _ext_available(device):
-        pytest.skip(f"the {provider} extension is not available")
-    if provider == "triton" and device != "cuda":
-        pytest.skip("triton is benchmarked on CUDA only")
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(B, D, device=device, dtype=dtype, generator=gen)
     y = (x.float() + 0.1 * torch.randn(B, D, device=device, generator=gen)).to(dtype)
@@ -92,13 +99,30 @@ def run_bench(benchmark, shape, provider, mode, dtype, device):
         if device == "cuda":
             torch.cuda.synchronize()
 
+    return step, x
+
+
+def group_name(shape, dtype, mode):
+    B, M, D = shape
+    return f"mmd-{B}x{M}x{D}-{str(dtype).replace('torch.', '')}-{mode}"
+
+
+def run_bench(benchmark, shape, provider, mode, dtype, device):
+    B, M, D = shape
+    reason = _skip_reason(provider, device)
+    if reason:
+        pytest.skip(reason)
+    step, x = make_step(shape, provider, mode, dtype, device)
+
     for _ in range(3):  # warm-up: compile, JIT build, Triton autotune/compile
         step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    benchmark.group = f"mmd-{B}x{M}x{D}-{str(dtype).replace('torch.', '')}-{mode}"
+    benchmark.group = group_name(shape, dtype, mode)
     benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=1)
+    if benchmark.disabled:
+        return
     stats = benchmark.stats.stats
     nbytes = (2 + (1 if mode == "fwdbwd" else 0)) * B * D * x.element_size()  # read x, y once (+ write dL/dx)
     copy = _copy_gbps(device)
@@ -115,12 +139,7 @@ def run_bench(benchmark, shape, provider, mode, dtype, device):
 @pytest.mark.parametrize("provider", ["ref", "compile", "cpp"])
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_mmd_cpu(benchmark, shape, provider, mode):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
-    try:
-        run_bench(benchmark, shape, provider, mode, torch.float32, "cpu")
-    finally:
-        torch.set_num_threads(prev)
+    run_bench(benchmark, shape, provider, mode, torch.float32, "cpu")
 
 
 @pytest.mark.gpu
@@ -131,3 +150,26 @@ def test_mmd_cpu(benchmark, shape, provider, mode):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_mmd_gpu(benchmark, shape, provider, dtype, mode):
     run_bench(benchmark, shape, provider, mode, dtype, "cuda")
+
+
+def run_ratio(ratio_bench, shape, mode, dtype, device, providers, rounds):
+    steps = {p: make_step(shape, p, mode, dtype, device)[0] for p in providers if not _skip_reason(p, device)}
+    if len(steps) < 2 or "ref" not in steps:
+        pytest.skip(f"no kernel to compare with the reference on {device}")
+    ratio_bench(group_name(shape, dtype, mode), steps, baselines=("ref", "compile"), rounds=rounds, warmup=3,
+                device=device)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_mmd_cpu_ratio(ratio_bench, shape, mode):
+    run_ratio(ratio_bench, shape, mode, torch.float32, "cpu", ("ref", "compile", "cpp"), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_mmd_gpu_ratio(ratio_bench, shape, dtype, mode):
+    run_ratio(ratio_bench, shape, mode, dtype, "cuda", ("ref", "compile", "triton", "cuda"), rounds=10)

@@ -17,8 +17,11 @@ UNet (test_sample_unet_*): the cifar10 preset's DDPM++ (random weights), uncondi
 paper's 2-step grid (middle eta 1.4), under the wrapper's bf16 autocast with channels_last on CUDA. Providers: eager
 (cuda_graph=False) and graph (cuda_graph=True). GPU batches 128 and 512; CPU: a narrow two-level copy, batch 8.
 
-    pytest benchmarks/bench_sample.py -k cpu                     # CPU tier (runs here)
+    pytest benchmarks/bench_sample.py -k cpu                     # CPU tier (runs here, torch's threads)
     IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_sample.py -k gpu   # on a CUDA machine: batch 64 only
+
+Ratio tests (test_sample_*_ratio, benchmarks/ratio_gate.py): the providers interleaved, their speed-ups over
+the reference gated against a stored baseline (--ratio-baseline).
 """
 from __future__ import annotations
 
@@ -43,7 +46,6 @@ CFG_SCALE = 1.5
 GPU_BATCHES = (64,) if QUICK else (64, 256)
 CPU_BATCH = 16
 CPU_STEPS = (1, 4)
-CPU_THREADS = 2
 UNET_PROVIDERS = ("eager", "graph")
 UNET_GRIDS = {1: "uniform", 2: (1.4,)}  # the paper's CIFAR-10 samplers
 UNET_GPU_BATCHES = (128, 512)
@@ -176,12 +178,7 @@ def run_bench(benchmark, name, batch, steps, provider, device, rounds):
 @pytest.mark.parametrize("steps", CPU_STEPS)
 @pytest.mark.parametrize("provider", ["reference", "fused"])
 def test_sample_cpu(benchmark, provider, steps):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
-    try:
-        run_bench(benchmark, "tiny", CPU_BATCH, steps, provider, "cpu", rounds=3)
-    finally:
-        torch.set_num_threads(prev)
+    run_bench(benchmark, "tiny", CPU_BATCH, steps, provider, "cpu", rounds=3)
 
 
 @pytest.mark.gpu
@@ -225,12 +222,18 @@ def test_vae_decode_gpu(benchmark, batch):
 
 @pytest.mark.parametrize("steps", (1, 2))
 def test_sample_unet_cpu(benchmark, steps):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
-    try:
-        run_unet_bench(benchmark, "ddpmpp-tiny", 8, steps, "eager", "cpu", rounds=3)
-    finally:
-        torch.set_num_threads(prev)
+    run_unet_bench(benchmark, "ddpmpp-tiny", 8, steps, "eager", "cpu", rounds=3)
+
+
+def run_ratio(ratio_bench, name, batch, steps, providers, device, rounds):
+    model = get_model(name, device)
+    fns = {p: make_sample_step(model, batch, steps, p, device) for p in providers}
+    ratio_bench(f"sample-{name.replace('/', '')}-b{batch}-steps{steps}-cfg{CFG_SCALE}", fns, baselines=("reference",),
+                rounds=rounds, warmup=1, device=device)
+
+
+def test_sample_cpu_ratio(ratio_bench):
+    run_ratio(ratio_bench, "tiny", CPU_BATCH, CPU_STEPS[-1], ("reference", "fused"), "cpu", rounds=20)
 
 
 @pytest.mark.gpu
@@ -240,3 +243,10 @@ def test_sample_unet_cpu(benchmark, steps):
 @pytest.mark.parametrize("batch", UNET_GPU_BATCHES, ids=lambda b: f"b{b}")
 def test_sample_unet_gpu(benchmark, batch, provider, steps):
     run_unet_bench(benchmark, "ddpmpp", batch, steps, provider, "cuda", rounds=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("batch", GPU_BATCHES[:1], ids=lambda b: f"b{b}")
+def test_sample_gpu_ratio(ratio_bench, batch):
+    run_ratio(ratio_bench, "XL/2", batch, STEPS[-1], PROVIDERS, "cuda", rounds=10)

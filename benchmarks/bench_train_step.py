@@ -27,8 +27,11 @@ loss (simple_edm, identity, k = 15, a = 1, b = 5, M = 4), dropout 0.2, channels_
 Providers: eager (the UNet as is) and compile (compile_regions(IMM_FAST_BENCH_COMPILE): every UNetBlock), both with
 the auto MMD backend. GPU: DDPM++ (55.7M + s embedding) at batch 128 / 256 / 512; CPU: width 16, two levels, b8.
 
-    pytest benchmarks/bench_train_step.py -k cpu                    # CPU tier (runs here)
+    pytest benchmarks/bench_train_step.py -k cpu                    # CPU tier (runs here, torch's threads)
     IMM_FAST_BENCH_QUICK=1 pytest benchmarks/bench_train_step.py -k gpu  # on a CUDA machine
+
+Ratio tests (test_train_step_*_ratio, benchmarks/ratio_gate.py): reference and fused (eager) interleaved, the
+fused speed-up gated against a stored baseline (--ratio-baseline).
 """
 from __future__ import annotations
 
@@ -58,7 +61,6 @@ CPU_CASES = [("tiny", 16)]
 UNET_PROVIDERS = ("eager", "compile")
 UNET_GPU_CASES = [("ddpmpp", 128), ("ddpmpp", 512)] if QUICK else [("ddpmpp", b) for b in (128, 256, 512)]
 UNET_CPU_CASES = [("ddpmpp-tiny", 8)]
-CPU_THREADS = 2
 
 
 def model_config(name, provider, device):
@@ -209,12 +211,7 @@ def run_bench(benchmark, name, batch, provider, device, rounds, warmup_steps):
 @pytest.mark.parametrize("provider", ["reference", "fused"])
 @pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
 def test_train_step_cpu(benchmark, case, provider):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
-    try:
-        run_bench(benchmark, case[0], case[1], provider, "cpu", rounds=3, warmup_steps=1)
-    finally:
-        torch.set_num_threads(prev)
+    run_bench(benchmark, case[0], case[1], provider, "cpu", rounds=3, warmup_steps=1)
 
 
 @pytest.mark.gpu
@@ -232,12 +229,29 @@ def test_train_step_gpu(benchmark, case, provider):
 
 @pytest.mark.parametrize("case", UNET_CPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
 def test_train_step_unet_cpu(benchmark, case):
-    prev = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
+    run_bench(benchmark, case[0], case[1], "eager", "cpu", rounds=3, warmup_steps=1)
+
+
+def run_ratio(ratio_bench, name, batch, device, rounds, providers=("reference", "fused")):
+    """The eager providers interleaved (both models alive at once); +compile stays out of the gate (compile time)."""
+    _free(device)
     try:
-        run_bench(benchmark, case[0], case[1], "eager", "cpu", rounds=3, warmup_steps=1)
-    finally:
-        torch.set_num_threads(prev)
+        steps = {p: make_train_step(name, batch, p, device)[0] for p in providers}
+        ratio_bench(f"train_step-{name.replace('/', '')}-b{batch}", steps, baselines=("reference",), rounds=rounds,
+                    warmup=2, device=device)
+    except torch.OutOfMemoryError as e:
+        oom = str(e).strip().splitlines()[0][:200]
+    else:
+        oom = None
+    steps = None
+    _free(device)
+    if oom is not None:
+        pytest.skip(f"{name} b{batch}: out of memory with {len(providers)} models ({oom})")
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: f"{c[0]}-b{c[1]}")
+def test_train_step_cpu_ratio(ratio_bench, case):
+    run_ratio(ratio_bench, case[0], case[1], "cpu", rounds=20)
 
 
 @pytest.mark.gpu
@@ -248,3 +262,10 @@ def test_train_step_unet_gpu(benchmark, case, provider):
     if provider == "compile" and COMPILE_MODE == "off":
         pytest.skip("IMM_FAST_BENCH_COMPILE=off")
     run_bench(benchmark, case[0], case[1], provider, "cuda", rounds=5, warmup_steps=2 if provider == "compile" else 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"{c[0].replace('/', '')}-b{c[1]}")
+def test_train_step_gpu_ratio(ratio_bench, case):
+    run_ratio(ratio_bench, case[0], case[1], "cuda", rounds=10)
