@@ -103,6 +103,14 @@ def make_train_step(name, batch, provider, device, seed=0):
                     generator=gen) * cfg.sigma_data  # (B, Cin, R, R)
     ids = torch.randint(0, cfg.label_dim, (batch,), device=device, generator=gen)
     labels = F.one_hot(ids, cfg.label_dim).float()  # (B, label_dim)
+    step = _step_fn(model, opt, x, labels, loss_cfg, device)
+    info = dict(model=name, batch=batch, provider=provider, M=M, params_m=sum(p.numel() for p in model.parameters())
+                / 1e6, compile_mode=COMPILE_MODE if provider.endswith("+compile") else "none")
+    return step, model, info
+
+
+def _step_fn(model, opt, x, labels, loss_cfg, device):
+    """One optimizer step of the IMM objective on fixed inputs (bf16 autocast on CUDA), synchronized."""
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
 
     def step():
@@ -115,9 +123,7 @@ def make_train_step(name, batch, provider, device, seed=0):
             torch.cuda.synchronize()
         return out.loss.detach()
 
-    info = dict(model=name, batch=batch, provider=provider, M=M, params_m=sum(p.numel() for p in model.parameters())
-                / 1e6, compile_mode=COMPILE_MODE if provider.endswith("+compile") else "none")
-    return step, model, info
+    return step
 
 
 def unet_config(name, device):
@@ -145,18 +151,7 @@ def make_unet_train_step(name, batch, provider, device, seed=0):
     opt = torch.optim.RAdam(model.parameters(), lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(seed + 1)
     x = torch.randn(batch, 3, 32, 32, device=device, generator=gen) * cfg.sigma_data  # (B, 3, 32, 32)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda" else contextlib.nullcontext
-
-    def step():
-        with autocast():
-            out = imm_loss(model, x, None, loss_cfg)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out.loss.detach()
-
+    step = _step_fn(model, opt, x, None, loss_cfg, device)
     info = dict(model=name, batch=batch, provider=provider, M=M, params_m=sum(p.numel() for p in model.parameters())
                 / 1e6, compile_mode=COMPILE_MODE if provider == "compile" else "none")
     return step, model, info

@@ -34,7 +34,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 
 import pytest
 
@@ -133,20 +132,9 @@ def read_baseline(path: str) -> dict:
 
 def write_json_atomic(path: str, data: dict) -> None:
     """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".ratio-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from imm_fast._files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 class RatioSession:
