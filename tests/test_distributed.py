@@ -2,11 +2,15 @@
 global batch (each rank forms its own groups from its slice of the globally drawn batch; DDP averages the gradients).
 """
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+import imm_fast
 
 pytest.importorskip("sklearn")
 
@@ -45,3 +49,26 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     assert any(not torch.allclose(a[k], init[k]) for k in a)
     assert "loss" in (tmp_path / "two" / "metrics.jsonl").read_text()
     assert single.returncode == 0
+
+
+def test_two_gloo_ranks_stop_together_on_nonfinite_steps(tmp_path):
+    """All-NaN data under DDP: both ranks skip the same steps and stop with the one-line error after
+    max_nonfinite_steps, exit non-zero, and neither waits for the other (the timeout would fail the test)."""
+    import numpy as np
+
+    data = tmp_path / "nan.npy"
+    np.save(data, np.full((64, 1, 8, 8), np.nan, np.float32))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "imm_fast",
+           "train", f"out_dir={tmp_path}", "run_name=nan", "data.source=array", f"data.path={data}",
+           "data.class_conditional=false", "model.label_dim=0", "max_nonfinite_steps=2", "max_steps=5"]
+    cmd += [a for a in ARGS if not a.startswith(("max_steps", "loss.label_dropout"))]
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0, p.stdout + p.stderr
+    # One error from each rank (their stderr lines may interleave, so count the message, not lines).
+    assert p.stderr.count("error: stopping at step 1: 2 optimizer steps in a row were non-finite") == 2, p.stderr[-3000:]
+    # Both ranks exit with the user-error status 2 (torchrun itself then reports the failed children).
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", p.stderr)
+    assert len(codes) >= 2 and set(codes) == {"2"}, p.stderr[-3000:]
+    assert 'File "' + str(Path(imm_fast.__file__).parent) not in p.stderr, p.stderr[-3000:]  # no imm_fast traceback
+    assert not list((tmp_path / "nan").glob("checkpoints/step-*"))
