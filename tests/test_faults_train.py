@@ -28,7 +28,7 @@ from imm_fast.checkpoint import (NonFiniteError, RunFolderBusyError, RunLock, sa
 from imm_fast.config import LossConfig, TrainConfig  # noqa: E402
 from imm_fast.loss import imm_loss  # noqa: E402
 
-from _helpers import random_model  # noqa: E402
+from _helpers import NaNFirstGroup, random_model  # noqa: E402
 
 FAST = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "batch_size": 16, "lr": 1e-3,
         "loss.backend": "torch", "sample.num_images": 4, "sample.steps": [1], "progress": False,
@@ -94,18 +94,7 @@ def test_nonfinite_group_contributes_exactly_zero_gradient(where):
         x = x.clone()
         x[1, 0, 3, 4] = float("nan")  # particle 1 of group 0
     else:
-        class NaNTargetForGroup0(torch.nn.Module):  # the no-grad target pass (force_fp32) of group 0 is NaN
-            def __init__(self):
-                super().__init__()
-                self.inner = m
-                for k in ("noise_schedule", "eps", "T", "sigma_data", "label_dim", "f_type", "alpha_sigma"):
-                    setattr(self, k, getattr(m, k))
-
-            def forward(self, x, t, s, class_labels=None, force_fp32=False):
-                y = self.inner(x, t, s, class_labels=class_labels)
-                return torch.cat([y[:2] * float("nan"), y[2:]]) if force_fp32 else y
-
-        model = NaNTargetForGroup0()
+        model = NaNFirstGroup(m, target_only=True)  # the no-grad target pass of group 0 is NaN
     out, g = _grads(model, m, x, cfg, t, s, noise)
     assert int(out.nonfinite_groups) == 1 and torch.isfinite(out.loss)
     assert all(torch.isfinite(v).all() for v in g.values())

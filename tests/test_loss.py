@@ -9,7 +9,7 @@ from imm_fast.config import LossConfig
 from imm_fast.loss import draw_times, imm_loss
 from imm_fast.ops.mmd import mmd_loss_ref, mmd_terms
 
-from _helpers import random_model
+from _helpers import NaNFirstGroup, random_model
 
 
 def independent_mmd(x, y, M, scale, weight, eps, kernel, normalize_dim, reduction):
@@ -114,19 +114,7 @@ def test_target_reuses_the_student_dropout_masks():
 
 def test_nan_groups_become_zero():
     m = small_model()
-
-    class NaNFirstGroup(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = m
-            for k in ("noise_schedule", "eps", "T", "sigma_data", "label_dim", "f_type", "alpha_sigma"):
-                setattr(self, k, getattr(m, k))
-
-        def forward(self, x, t, s, class_labels=None, force_fp32=False):
-            y = self.inner(x, t, s, class_labels=class_labels)
-            return torch.cat([y[:2] * float("nan"), y[2:]])
-
-    out = imm_loss(NaNFirstGroup(), torch.randn(4, 2, 8, 8), None, LossConfig(group_size=2, backend="torch"))
+    out = imm_loss(NaNFirstGroup(m), torch.randn(4, 2, 8, 8), None, LossConfig(group_size=2, backend="torch"))
     assert torch.isfinite(out.loss)
     assert torch.isnan(out.mmd[0]) and torch.isfinite(out.mmd[1])
 
