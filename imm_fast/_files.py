@@ -27,6 +27,17 @@ def _umask() -> int:
     return old
 
 
+def file_sha256(path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (checkpoint manifests, evaluation records)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fsync_dir(path):
     """Make a rename or a new entry in folder `path` durable (no-op where folders cannot be opened)."""
     try:

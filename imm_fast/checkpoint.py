@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ._files import atomic_write, atomic_write_text, fsync_dir
+from ._files import atomic_write, atomic_write_text, file_sha256, fsync_dir
 from .errors import CheckpointError, UserError
 
 FORMAT = "imm_fast"
@@ -652,16 +652,6 @@ def _test_pause(point: str, step: int):
             time.sleep(60)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _nonfinite_entries(state_dict) -> list:
     """Names of floating-point tensors holding NaN or inf (one host sync for the whole state dict)."""
     keys = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
@@ -701,7 +691,7 @@ def save_checkpoint(run_dir, step: int, model, ema_state_dict, train_state: dict
     atomic_write_text(tmp / "config.json", json.dumps(config, indent=1))
     _test_pause("before_manifest", step)
     manifest = {"format": "imm_fast-train-state", "version": 1, "step": step,
-                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in CKPT_FILES}}
+                "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in CKPT_FILES}}
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
     fsync_dir(tmp)
     _test_pause("before_rename", step)
@@ -746,7 +736,7 @@ def verify_checkpoint(ck, full: bool = True) -> "str | None":
             size = (ck / f).stat().st_size
             if size != want["bytes"]:
                 return f"{f} has {size} bytes, its manifest says {want['bytes']} (corrupt or truncated)"
-            if full and _sha256(ck / f) != want["sha256"]:
+            if full and file_sha256(ck / f) != want["sha256"]:
                 return f"{f} does not match its sha256 in {MANIFEST} (corrupt)"
     except (ValueError, KeyError, TypeError) as e:
         return f"{MANIFEST} is unreadable ({type(e).__name__}: {e}) (corrupt)"

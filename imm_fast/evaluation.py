@@ -39,8 +39,8 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .checkpoint import atomic_write
-from .inception import CLASSES, FEATURES, file_sha256, inception_outputs, load_inception
+from ._files import atomic_write, file_sha256
+from .inception import CLASSES, FEATURES, inception_outputs, load_inception
 
 CACHE_VERSION = 1  # bump when the content of a shard changes
 CIFAR10_FILES = [f"data_batch_{i}" for i in range(1, 6)]

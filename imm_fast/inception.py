@@ -13,7 +13,6 @@ Shapes: N images, (3, H, W) uint8 pixels.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -209,14 +208,6 @@ def find_weights(inception=None):
         "FID needs the TF-ported Inception-V3 weights and none were found. Either pass --inception PATH (Python: "
         f"inception=PATH) or set {ENV_VAR}=PATH to a copy of {WEIGHTS_FILES[0]} ({WEIGHTS_URL}), or place it in "
         f"{_hub_candidates()[0].parent}, or pass --inception download on a machine with network access.")
-
-
-def file_sha256(path, chunk=1 << 24):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _CACHE = {}

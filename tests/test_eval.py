@@ -348,7 +348,7 @@ def test_evaluate_end_to_end(model_file, weights, tmp_path, capsys):
     (FID > 0 against other statistics: the gloo test; resuming: run_shards. Each FID is a 2048x2048 sqrtm, slow on
     a small CPU, so this test computes one.)"""
     from imm_fast.checkpoint import load_official
-    from imm_fast.inception import file_sha256
+    from imm_fast._files import file_sha256
 
     model = load_official(model_file)
     x1, _ = E.generate(model, np.arange(4), 1, seed=0)
