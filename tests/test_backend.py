@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from _backends import TOY, toys  # noqa: E402
+from _backends import TOY, kernel_backends, skip_unless_runs, toys  # noqa: E402
 from imm_fast import _backend  # noqa: E402
 from imm_fast.ops.adaln import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln,  # noqa: E402
                                 gated_residual_adaln_ref)
@@ -336,10 +336,10 @@ def test_dit_uses_the_one_resolution(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Checks before dispatch, infinities, double backward
 
-@pytest.mark.parametrize("backend", [None, "torch", "triton", "cpp"])
+@pytest.mark.parametrize("backend", [None, "torch"] + kernel_backends("mmd"))
 def test_bad_arguments_fail_the_same_on_every_backend(backend):
-    if backend == "triton" and not TRITON or backend == "cpp" and not _cpp():
-        pytest.skip(f"{backend} not usable here")
+    if backend is not None:
+        skip_unless_runs("mmd", backend, "cpu")
     x, y = torch.randn(8, 5), torch.randn(8, 5)
     with pytest.raises(ValueError, match=r"at least one value per row \(D >= 1\)"):
         mmd_loss(torch.randn(8, 0), torch.randn(8, 0), 4, backend=backend)
@@ -353,14 +353,13 @@ def test_bad_arguments_fail_the_same_on_every_backend(backend):
         mmd_loss(x, y, 4, eps=float("inf"), backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", kernel_backends("mmd"))
 @pytest.mark.parametrize("kernel", ["laplace", "rbf"])
 @pytest.mark.parametrize("where, value", [("x", float("inf")), ("x", -float("inf")), ("y", float("inf"))])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside Triton's interpreter
 def test_infinities_give_nan_like_the_reference(backend, kernel, where, value):
     """x[1,3] = inf: the reference gives NaN for that group (inf - inf on the diagonal); so must every backend."""
-    if backend == "triton" and not TRITON or backend == "cpp" and not _cpp():
-        pytest.skip(f"{backend} not usable here")
+    skip_unless_runs("mmd", backend, "cpu")
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
     (x if where == "x" else y)[1, 3] = value
