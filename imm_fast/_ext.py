@@ -30,6 +30,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -74,18 +75,58 @@ def _csrc_dir() -> str:
 
 
 def _cuda_build_possible() -> bool:
+    """A CUDA build of torch, a CUDA toolkit, and the same CUDA major version in both."""
     from torch.utils import cpp_extension
 
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    why = cuda_mismatch()
+    if why:
+        _backend.warn_once("ext-cuda-mismatch", f"imm_fast: {why}")
+    return why is None
+
+
+def _tool_output(cmd) -> str:
+    """stdout (else stderr) of `cmd --version`, or '' when it does not run."""
+    try:
+        out = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=30)
+        return (out.stdout or out.stderr).strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _tool_version(cmd) -> str:
     """First line of `cmd --version` (the compiler's identity in the build key), or '' when it does not run."""
-    try:
-        out = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=30)
-        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    out = _tool_output(cmd)
+    return out.splitlines()[0] if out else ""
+
+
+def toolkit_cuda_version():
+    """The CUDA toolkit's version at CUDA_HOME as "major.minor" (from `nvcc --version`), or None without one."""
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.CUDA_HOME:
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", _tool_output([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")]))
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+_MISMATCH = {}  # the toolkit probe runs nvcc (tens of ms): once per process and version pair
+
+
+def cuda_mismatch():
+    """One line naming both versions when the CUDA toolkit's major version differs from torch.version.cuda's
+    (torch's extension build refuses that pair: the CUDA kernels cannot be built, the C++ CPU ones can), else
+    None. setup.py reports it at build time, the just-in-time build and the cuda backend's why_not at run time."""
+    key = (torch.version.cuda, os.environ.get("CUDA_HOME"))
+    if key not in _MISMATCH:
+        toolkit, built = toolkit_cuda_version(), torch.version.cuda
+        _MISMATCH[key] = None
+        if toolkit and built and toolkit.split(".")[0] != built.split(".")[0]:
+            _MISMATCH[key] = (f"the CUDA toolkit is CUDA {toolkit} but torch was built with CUDA {built} (major "
+                              f"versions differ): the CUDA kernels are not built, the C++ CPU kernels are; a CUDA "
+                              f"{built.split('.')[0]}.x toolkit (CUDA_HOME) builds them")
+    return _MISMATCH[key]
 
 
 def _spec(with_cuda: bool) -> dict:
@@ -341,6 +382,8 @@ def unavailable(device_type: str):
         return f"the C++ extension is not available ({_error})"
     key = "CPU" if device_type == "cpu" else "CUDA"
     if not _has_kernel(key):
+        if key == "CUDA" and torch.version.cuda is not None and cuda_mismatch():
+            return f"the C++ extension has no CUDA kernel: {cuda_mismatch()}"
         return (f"the C++ extension has no {key} kernel (it needs a CUDA build of torch and a CUDA toolkit when "
                 f"it is built; torch.version.cuda={torch.version.cuda})")
     return None
