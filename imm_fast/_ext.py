@@ -323,14 +323,16 @@ def _wait_turn(lock_path: str, stale_s: float, wait_s: float, t0: float, told: b
 # Building and publishing
 
 def _remove_dead_temporaries(root: str, name: str) -> None:
-    """`<name>.tmp-<pid>-*` folders of builds (and discarded libraries) whose process is gone."""
-    for path in glob.glob(os.path.join(root, f"{name}.tmp-*")):
-        try:
-            pid = int(os.path.basename(path)[len(name) + 5:].split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
+    """`<name>.tmp-<pid>-*` folders of builds (and discarded libraries) and `<name>.lock.<pid>-*` owner records
+    of processes that are gone."""
+    for prefix in (f"{name}.tmp-", f"{name}.lock."):
+        for path in glob.glob(os.path.join(root, prefix + "*")):
+            try:
+                pid = int(os.path.basename(path)[len(prefix):].split("-")[0])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def _discard(final: str) -> None:
