@@ -9,14 +9,16 @@ shape/option facts, plain values so the choice can be cached and traced as a con
 One rule for every op:
     the `backend=` argument  >  the IMM_FAST_BACKEND environment variable  >  auto
 - argument: runs that backend, or raises ValueError listing every registered backend's reasons for `args`.
-- IMM_FAST_BACKEND (torch / triton / cpp / cuda; unset or "" = auto) steers every op: an op that has that
-  backend and can run it here uses it; otherwise the op warns once (per op, backend and reasons) and picks
-  automatically. A name that is no backend at all raises ValueError.
+- IMM_FAST_BACKEND (any registered backend name, e.g. torch / triton / cpp / cuda; unset or "" = auto) steers
+  every op: an op that has that backend and can run it here uses it; otherwise the op warns once (per op, backend
+  and reasons) and picks automatically. A name that no op registered raises ValueError.
 - auto: the first Impl in the op's list that can run and that auto may pick (`auto_skip` returns a reason to
   pass over an Impl that could run: the Triton interpreter on CPU, a shape measured slower); "torch" always can.
-A new backend is one `register(op, Impl(...))` call naming its launcher. Launchers of every backend follow one
-convention for outputs that were not asked for: `absent(like)`, a (0,) tensor on like's device and dtype, and
-the fake (shape-only) implementations return the same.
+A new backend is one `register(op, Impl(name, ..., launcher=...))` call, under any name of the form NAME_RE; the
+op's custom op finds its launcher with `launcher(op, backend, device_type)` (each op's module documents what its
+launcher returns), and the op's tests loop over `names(op)`. Launchers of every backend follow one convention for
+outputs that were not asked for: `absent(like)`, a (0,) tensor on like's device and dtype, a distinct tensor per
+output; the fake (shape-only) implementations return the same.
 
 The `fused` switch of the DiT and the reference switch of training resolve in `resolve_fused` (see there for the
 precedence of `TrainConfig.reference`, `ModelConfig.fused`, `LossConfig.backend` and IMM_FAST_BACKEND).
@@ -26,14 +28,15 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-BACKENDS = ("torch", "triton", "cpp", "cuda")
 ENV = "IMM_FAST_BACKEND"
+NAME_RE = r"[a-z][a-z0-9_]{0,31}"  # backend and op names: short lowercase identifiers (error messages, env values)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the fused kernels take (fp32 accumulation)
 
 
@@ -58,7 +61,7 @@ def op_args(device, dtype, **extra) -> OpArgs:
 @dataclasses.dataclass(frozen=True)
 class Impl:
     """One implementation of an op. Reasons are short phrases: '<backend>: <reason>' is how they are shown."""
-    name: str                                                  # one of BACKENDS
+    name: str                                                  # matches NAME_RE; "torch" is the reference
     devices: Optional[Tuple[str, ...]] = None                  # device types it runs on (None: any)
     dtypes: Optional[Tuple[torch.dtype, ...]] = None           # None: any floating dtype
     ready: Optional[Callable[[str], Optional[str]]] = None     # device type -> why it is absent here, or None
@@ -89,14 +92,49 @@ def _dt(dtype) -> str:
 REFERENCE = Impl("torch")  # the pure-torch <op>_ref: any device, any dtype
 
 _REGISTRY: Dict[str, List[Impl]] = {}
+_NAMES: Tuple[str, ...] = ()  # every registered backend name, in first-registration order (kept by _changed)
+
+
+def _check_name(what: str, name) -> None:
+    if not isinstance(name, str) or not re.fullmatch(NAME_RE, name):
+        raise ValueError(f"{what} {name!r} must be a short lowercase name matching {NAME_RE!r}")
 
 
 def register(op: str, impl: Impl) -> None:
-    """Append impl to op's list (auto tries them in registration order; the reference is kept last)."""
-    if impl.name not in BACKENDS:
-        raise ValueError(f"Impl name {impl.name!r} is not one of {BACKENDS}")
-    others = [i for i in _REGISTRY.get(op, []) if i.name != impl.name and i is not REFERENCE]
-    _REGISTRY[op] = others + [impl] + ([REFERENCE] if impl is not REFERENCE else [])
+    """Add impl to op's list, after the kernels registered before it and before the reference (auto tries them
+    in that order). Registering a name again replaces that entry in place."""
+    _check_name("op name", op)
+    if not isinstance(impl, Impl):
+        raise TypeError(f"register({op!r}, impl): impl must be an imm_fast._backend.Impl, got {type(impl).__name__}")
+    _check_name("backend name", impl.name)
+    if impl.name == "torch" and impl is not REFERENCE:
+        raise ValueError(f"backend name 'torch' is the pure-torch reference of every op; name {op}'s new "
+                         "implementation otherwise")
+    if impl is not REFERENCE and not callable(impl.launcher):
+        raise ValueError(f"backend {impl.name!r} of {op} needs launcher=<device type -> the op's launcher>")
+    kernels = [i for i in _REGISTRY.get(op, []) if i is not REFERENCE]
+    at = next((k for k, i in enumerate(kernels) if i.name == impl.name), None)
+    if at is None:
+        kernels.append(impl)
+    elif impl is not REFERENCE:
+        kernels[at] = impl
+    _REGISTRY[op] = kernels + [REFERENCE]
+    _changed()
+
+
+def unregister(op: str, name: str) -> None:
+    """Remove backend name from op (the reference stays); a name op does not have raises KeyError."""
+    if name == "torch" or name not in [i.name for i in impls(op)]:
+        raise KeyError(f"{op} has no removable backend {name!r}; it has {names(op)}")
+    _REGISTRY[op] = [i for i in _REGISTRY[op] if i.name != name]
+    if _REGISTRY[op] == [REFERENCE]:
+        del _REGISTRY[op]
+    _changed()
+
+
+def _changed() -> None:
+    global _NAMES
+    _NAMES = tuple(dict.fromkeys(i.name for op in _REGISTRY for i in _REGISTRY[op]))
     _CHOICES.clear()
 
 
@@ -106,11 +144,17 @@ def impls(op: str) -> List[Impl]:
     return list(_REGISTRY[op])
 
 
-def launcher(op: str, backend: str, device_type: str) -> Callable:
-    """The launcher backend registered for op (the op's custom op calls it with the op's contract)."""
+def names(op: Optional[str] = None) -> Tuple[str, ...]:
+    """op's backend names in auto order (the reference "torch" last), or with op None every name any op has."""
+    return tuple(i.name for i in impls(op)) if op is not None else _NAMES
+
+
+def launcher(op: str, backend: str, device_type: str):
+    """What backend registered as op's launcher for device_type (the op's custom op calls it with the op's
+    contract, documented in the op's module)."""
     impl = next((i for i in impls(op) if i.name == backend), None)
     if impl is None or impl.launcher is None:
-        raise ValueError(f"{op} has no launcher for backend={backend!r}")
+        raise ValueError(f"{op} has no launcher for backend={backend!r}; its backends: {names(op)}")
     return impl.launcher(device_type)
 
 
@@ -123,25 +167,27 @@ def _format(op: str, args: OpArgs) -> str:
     lines = []
     for name, rs in reasons(op, args).items():
         lines.append(f"  {name}: {'; '.join(rs) if rs else 'can run'}")
-    have = {i.name for i in impls(op)}
-    lines += [f"  {b}: not implemented for {op}" for b in BACKENDS if b not in have]
+    have = names(op)
+    lines += [f"  {b}: not implemented for {op}" for b in _NAMES if b not in have]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The rule: argument > IMM_FAST_BACKEND > auto
 
-def check_backend(backend, allowed=BACKENDS, arg="backend"):
-    if backend is not None and backend not in allowed:
-        raise ValueError(f"{arg}={backend!r} is not one of {tuple(allowed)} (or None for auto)")
+def check_backend(backend, arg="backend"):
+    """backend is None (auto) or a name some op registered."""
+    if backend is not None and (not isinstance(backend, str) or backend not in _NAMES):
+        raise ValueError(f"{arg}={backend!r} is not one of the registered backends {_NAMES} (or None for auto)")
     return backend
 
 
 def env_backend() -> Optional[str]:
     """IMM_FAST_BACKEND, checked (None when unset or empty)."""
     env = os.environ.get(ENV) or None
-    if env is not None and env not in BACKENDS:
-        raise ValueError(f"{ENV}={env!r} is not one of {BACKENDS} (unset it, or set it empty, for auto)")
+    if env is not None and env not in _NAMES:
+        raise ValueError(f"{ENV}={env!r} is not one of the registered backends {_NAMES} (unset it, or set it "
+                         "empty, for auto)")
     return env
 
 
@@ -154,21 +200,24 @@ def auto(op: str, args: OpArgs) -> str:
 
 
 # Choices made so far: select runs on every eager op call (each DiT block calls several ops), and walking the
-# registry with its reason strings took 7.4 us a call against 3.5 us cached (CPU, measured). What it depends on does not change within a process (an
-# extension that was built or failed stays so; triton stays importable or not), except the registry itself, so
-# `register` clears this. Errors are not cached: they raise again, with their reasons.
+# registry with its reason strings took 7.4 us a call against 3.5 us cached (CPU, measured). What it depends on
+# does not change within a process (an extension that was built or failed stays so; triton stays importable or
+# not), except the registry itself, so `register` and `unregister` clear this. Only checked arguments get here;
+# errors are not cached: they raise again, with their reasons.
 _CHOICES: Dict[tuple, str] = {}
 
 
 def select(op: str, backend: Optional[str], device, dtype, **facts) -> str:
     """The backend op runs on (device, dtype, facts): argument > IMM_FAST_BACKEND > auto (module docstring).
     Plain arguments only, so that torch.compile can treat the choice as a constant of the traced graph."""
-    check_backend(backend)
-    key = (op, backend, env_backend(), op_args(device, dtype, **facts))
-    choice = _CHOICES.get(key)
-    if choice is None:
-        choice = _CHOICES[key] = _select(*key)
-    return choice
+    key = (op, backend, os.environ.get(ENV) or None, device, dtype, *sorted(facts.items()))
+    try:
+        return _CHOICES[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable backend, refused by check_backend below
+        check_backend(backend)
+        choice = _select(op, backend, env_backend(), op_args(device, dtype, **facts))
+        _CHOICES[key] = choice
+        return choice
 
 
 def _select(op, backend, env, args):
@@ -279,8 +328,9 @@ def resolve_fused(fused: Optional[bool], device, reference: bool = False) -> boo
 
 
 def reference_loss_backend(backend: Optional[str], reference: bool = False) -> Optional[str]:
-    """LossConfig.backend under TrainConfig.reference (rule 1 of resolve_fused): "torch" when reference."""
-    return "torch" if reference else check_backend(backend, arg="loss.backend")
+    """LossConfig.backend under TrainConfig.reference (rule 1 of resolve_fused): "torch" when reference, else
+    backend as LossConfig checked it (against mmd's registered backends)."""
+    return "torch" if reference else backend
 
 
 # ----------------------------------------------------------------------------------------------------------------

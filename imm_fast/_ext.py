@@ -10,15 +10,20 @@ The just-in-time build never hangs and never mixes two builds:
   checkouts with the same sources share one library; different sources never meet);
 - a build runs in a fresh `<name>.tmp-<pid>-*` folder renamed to <name> when complete, so a killed build leaves
   no half-built library behind (its temporaries are removed by the next build);
-- one process builds at a time (a `<name>.lock` file naming its pid, host and start time); the others wait with
-  a one-line message; a lock whose process is gone, or older than IMM_FAST_BUILD_STALE_S (default 1800 s, the
-  longest sane build), is cleared with a warning; a waiter gives up after IMM_FAST_BUILD_WAIT_S (default 1800 s)
-  with BuildTimeoutError (auto then runs the reference path, after a one-time warning).
+- the library's size and sha256 are recorded beside it (library.json) before that rename and checked before
+  every load: a truncated or altered library (dlopen of a truncated one dies of SIGBUS) is never loaded but
+  rebuilt, after a one-line warning (without a compiler: the reference path, after a one-line warning);
+- one process builds at a time (a `<name>.lock` file naming its pid, host and start time, complete from the
+  moment it exists); the others wait with a one-line message; a lock that names no owner (empty, unreadable) or
+  whose process is gone is cleared at once, one older than IMM_FAST_BUILD_STALE_S (default 1800 s, the longest
+  sane build) too, with a warning; a waiter gives up after IMM_FAST_BUILD_WAIT_S (default 1800 s) with
+  BuildTimeoutError (auto then runs the reference path, after a one-time warning).
 - a one-line message goes to stderr while building.
 
 The CPU loops are built for the compiler's baseline ISA plus an AVX2+FMA copy chosen at run time (no
 -march=native, so a cached build is safe on another CPU); IMM_FAST_CPU_ISA=base forces the baseline copy.
-CUDA sources join the build only with a CUDA build of torch and a CUDA toolkit (CUDA_HOME).
+CUDA sources join the build only with a CUDA build of torch and a CUDA toolkit (CUDA_HOME) of the same CUDA
+major version (`cuda_mismatch`: otherwise one warning line naming both, and the C++ CPU kernels alone).
 
 Contract (shapes: B = G*M rows, D values per row; see csrc/mmd.h):
     mmd_ext(device_type) -> module-like with .mmd_fwd, or None;  unavailable(device_type) -> reason or None
@@ -30,6 +35,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -74,18 +80,58 @@ def _csrc_dir() -> str:
 
 
 def _cuda_build_possible() -> bool:
+    """A CUDA build of torch, a CUDA toolkit, and the same CUDA major version in both."""
     from torch.utils import cpp_extension
 
-    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if torch.version.cuda is None or cpp_extension.CUDA_HOME is None:
+        return False
+    why = cuda_mismatch()
+    if why:
+        _backend.warn_once("ext-cuda-mismatch", f"imm_fast: {why}")
+    return why is None
+
+
+def _tool_output(cmd) -> str:
+    """stdout (else stderr) of `cmd --version`, or '' when it does not run."""
+    try:
+        out = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=30)
+        return (out.stdout or out.stderr).strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def _tool_version(cmd) -> str:
     """First line of `cmd --version` (the compiler's identity in the build key), or '' when it does not run."""
-    try:
-        out = subprocess.run(cmd + ["--version"], capture_output=True, text=True, timeout=30)
-        return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr) else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    out = _tool_output(cmd)
+    return out.splitlines()[0] if out else ""
+
+
+def toolkit_cuda_version():
+    """The CUDA toolkit's version at CUDA_HOME as "major.minor" (from `nvcc --version`), or None without one."""
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.CUDA_HOME:
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", _tool_output([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")]))
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+_MISMATCH = {}  # the toolkit probe runs nvcc (tens of ms): once per process and version pair
+
+
+def cuda_mismatch():
+    """One line naming both versions when the CUDA toolkit's major version differs from torch.version.cuda's
+    (torch's extension build refuses that pair: the CUDA kernels cannot be built, the C++ CPU ones can), else
+    None. setup.py reports it at build time, the just-in-time build and the cuda backend's why_not at run time."""
+    key = (torch.version.cuda, os.environ.get("CUDA_HOME"))
+    if key not in _MISMATCH:
+        toolkit, built = toolkit_cuda_version(), torch.version.cuda
+        _MISMATCH[key] = None
+        if toolkit and built and toolkit.split(".")[0] != built.split(".")[0]:
+            _MISMATCH[key] = (f"the CUDA toolkit is CUDA {toolkit} but torch was built with CUDA {built} (major "
+                              f"versions differ): the CUDA kernels are not built, the C++ CPU kernels are; a CUDA "
+                              f"{built.split('.')[0]}.x toolkit (CUDA_HOME) builds them")
+    return _MISMATCH[key]
 
 
 def _spec(with_cuda: bool) -> dict:
@@ -142,25 +188,70 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The cached library is loaded only when it matches the size and sha256 recorded when it was published: dlopen of
+# a truncated shared library maps pages past its end and the process dies of SIGBUS, with no message.
+
+RECORD = "library.json"  # beside the library in its folder: {"library": file name, "size": bytes, "sha256": hex}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _record_library(lib: str) -> None:
+    """Record lib's size and sha256 beside it (in the build's temporary folder, before it is published)."""
+    rec = {"library": os.path.basename(lib), "size": os.path.getsize(lib), "sha256": _sha256(lib)}
+    with open(os.path.join(os.path.dirname(lib), RECORD), "w") as f:
+        json.dump(rec, f)
+
+
+def library_problem(lib: str):
+    """Why the cached library must not be loaded (missing, no record, size or sha256 not as recorded), or None."""
+    if not os.path.isfile(lib):
+        return "it is missing"
+    try:
+        with open(os.path.join(os.path.dirname(lib), RECORD)) as f:
+            rec = json.load(f)
+        want_size, want_sha = int(rec["size"]), str(rec["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"it has no readable {RECORD} (size and sha256 recorded at build time)"
+    size = os.path.getsize(lib)
+    if size != want_size:
+        return f"it is {size} bytes where {want_size} were recorded (truncated or overwritten)"
+    if _sha256(lib) != want_sha:
+        return "its sha256 differs from the one recorded at build time"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The build lock: `<name>.lock` holds its owner's pid, host and start time from the moment it exists
+
 def _read_owner(lock_path: str):
-    """The lock's owner record, or None when the file is gone; {} when it is unreadable (being written)."""
+    """The lock's owner record, or None when the file is gone; {} when it is empty or unreadable."""
     try:
         with open(lock_path) as f:
-            return json.load(f)
+            owner = json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 def _stale_reason(lock_path: str, owner: dict, stale_s: float):
-    """Why the lock is stale (its process is gone, or it is older than stale_s), or None."""
+    """Why the lock is stale (no owner recorded, its process is gone, older than stale_s), or None."""
     try:
         age = time.time() - os.path.getmtime(lock_path)
     except FileNotFoundError:
         return None
-    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int) \
-            and not _pid_alive(owner["pid"]):
+    if not isinstance(owner.get("pid"), int) or not isinstance(owner.get("host"), str):
+        return "it records no owner (empty or unreadable; imm_fast writes the owner before the lock appears)"
+    if owner["host"] == socket.gethostname() and not _pid_alive(owner["pid"]):
         return f"its process {owner['pid']} is gone"
     if age > stale_s:
         return f"it is {age:.0f} s old (IMM_FAST_BUILD_STALE_S={stale_s:.0f})"
@@ -168,32 +259,145 @@ def _stale_reason(lock_path: str, owner: dict, stale_s: float):
 
 
 def _try_lock(lock_path: str) -> bool:
+    """Take the lock: a complete owner record hard-linked into place, so no process ever sees it empty."""
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+    tmp = f"{lock_path}.{os.getpid()}-{time.time_ns()}"
+    with open(tmp, "w") as f:
+        json.dump(owner, f)
     try:
-        fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.link(tmp, lock_path)
+        return True
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+    except OSError:  # a filesystem without hard links: create exclusively, then write
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(owner, f)
+        return True
+    finally:
+        os.remove(tmp)
+
+
+def _release(lock_path: str) -> None:
+    owner = _read_owner(lock_path) or {}
+    if (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):  # ours only
+        try:
+            os.remove(lock_path)
+        except FileNotFoundError:
+            pass
+
+
+def _wait_turn(lock_path: str, stale_s: float, wait_s: float, t0: float, told: bool) -> bool:
+    """One step of waiting for another build: clear a stale lock at once, else sleep a little; raises
+    BuildTimeoutError after wait_s. Returns whether the one-line waiting message was written."""
+    owner = _read_owner(lock_path)
+    if owner is None:
+        return told  # released between our attempts: try again at once
+    why = _stale_reason(lock_path, owner, stale_s)
+    if why:
+        _backend.warn_once(f"ext-stale-{lock_path}-{owner.get('pid')}",
+                           f"imm_fast: clearing a stale build lock {lock_path} ({why}; owner {owner})")
+        try:
+            os.remove(lock_path)
+        except FileNotFoundError:
+            pass
+        return told
+    waited = time.monotonic() - t0
+    if waited > wait_s:
+        raise BuildTimeoutError(
+            f"waited {waited:.0f} s (IMM_FAST_BUILD_WAIT_S={wait_s:.0f}) for process {owner.get('pid')} on "
+            f"{owner.get('host')} to build the imm_fast C++ kernels ({lock_path}); if that process is hung, "
+            "stop it or remove the lock file")
+    if not told:
+        sys.stderr.write(f"imm_fast: waiting for process {owner.get('pid')} on {owner.get('host')} to build "
+                         f"the C++ kernels ({lock_path}; at most {wait_s:.0f} s)\n")
+        sys.stderr.flush()
+    time.sleep(0.2)
     return True
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Building and publishing
+
 def _remove_dead_temporaries(root: str, name: str) -> None:
-    """`<name>.tmp-<pid>-*` folders of builds whose process is gone (killed mid-way)."""
-    for path in glob.glob(os.path.join(root, f"{name}.tmp-*")):
-        try:
-            pid = int(os.path.basename(path)[len(name) + 5:].split("-")[0])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _pid_alive(pid):
-            shutil.rmtree(path, ignore_errors=True)
+    """`<name>.tmp-<pid>-*` folders of builds (and discarded libraries) and `<name>.lock.<pid>-*` owner records
+    of processes that are gone."""
+    for prefix in (f"{name}.tmp-", f"{name}.lock."):
+        for path in glob.glob(os.path.join(root, prefix + "*")):
+            try:
+                pid = int(os.path.basename(path)[len(prefix):].split("-")[0])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
+def _discard(final: str) -> None:
+    """Move a published folder out of the way (one rename: no process finds it half-removed), then remove it."""
+    aside = f"{final}.tmp-{os.getpid()}-{time.time_ns()}-discarded"
+    try:
+        os.rename(final, aside)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _publish(tmp: str, final: str, lib: str) -> None:
+    """Rename the finished build folder to its final name; a verified library published meanwhile (by a build
+    that outlived its stale lock) is kept instead."""
+    try:
+        os.rename(tmp, final)
+        return
+    except OSError:
+        if library_problem(lib) is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+    _discard(final)
+    os.rename(tmp, final)
+
+
+def _build_locked(root: str, name: str, spec: dict, final: str, lib: str):
+    """The build itself, under the lock: (lib, loaded) as build_library returns it."""
+    from torch.utils import cpp_extension
+
+    why = library_problem(lib)
+    if why is None:  # finished by another process meanwhile
+        return lib, False
+    if os.path.exists(final):  # never load a broken library: build it again
+        _backend.warn_once(f"ext-broken-{final}", f"imm_fast: the cached C++ library {lib} is not loaded ({why}); "
+                           "rebuilding it")
+        _discard(final)
+    _remove_dead_temporaries(root, name)
+    tmp = f"{final}.tmp-{os.getpid()}-{time.time_ns()}"
+    sys.stderr.write(f"imm_fast: building the C++ kernels once (about a minute; cached in {final})\n")
+    sys.stderr.flush()
+    os.makedirs(tmp)
+    pause = float(os.environ.get("IMM_FAST_BUILD_TEST_PAUSE_S", "0") or 0)  # tests: die mid-build
+    if pause > 0:
+        time.sleep(pause)
+    # Builds in tmp and loads the library from there (torch.ops.load_library): the rename keeps it.
+    try:
+        cpp_extension.load(name=name, build_directory=tmp, is_python_module=False,
+                           verbose=os.environ.get("IMM_FAST_VERBOSE_BUILD", "0") == "1", **spec)
+        built = os.path.join(tmp, f"{name}.so")
+        if not os.path.exists(built):  # a second build of one name in a process: torch names it <name>_v<k>.so
+            os.rename(max(glob.glob(os.path.join(tmp, f"{name}_v*.so")), key=os.path.getmtime), built)
+        _record_library(built)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, final, lib)
+    return lib, True
 
 
 def build_library(name: str, spec: dict, root: str = None):
     """Build spec's sources (cpp_extension.load keywords) into <root>/<name>/<name>.so once (see the module
-    docstring); returns (its path, whether this call loaded it already: a build loads what it built).
+    docstring); returns (its path, whether this call loaded it already: a build loads what it built). A cached
+    library is returned only when it matches its recorded size and sha256; a broken one is rebuilt.
     Safe against concurrent and killed builds; never waits longer than IMM_FAST_BUILD_WAIT_S."""
-    from torch.utils import cpp_extension
-
     root = root or _cache_root()
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, name)
@@ -201,69 +405,15 @@ def build_library(name: str, spec: dict, root: str = None):
     lock_path = final + ".lock"
     wait_s = _seconds("IMM_FAST_BUILD_WAIT_S", 1800.0)
     stale_s = _seconds("IMM_FAST_BUILD_STALE_S", 1800.0)
-    t0, told, loaded = time.monotonic(), False, False
-    while not os.path.exists(lib):
+    t0, told = time.monotonic(), False
+    while library_problem(lib) is not None:
         if _try_lock(lock_path):
             try:
-                if os.path.exists(lib):  # finished by another process meanwhile
-                    break
-                _remove_dead_temporaries(root, name)
-                tmp = f"{final}.tmp-{os.getpid()}-{time.time_ns()}"
-                sys.stderr.write(f"imm_fast: building the C++ kernels once (about a minute; cached in {final})\n")
-                sys.stderr.flush()
-                os.makedirs(tmp)
-                pause = float(os.environ.get("IMM_FAST_BUILD_TEST_PAUSE_S", "0") or 0)  # tests: die mid-build
-                if pause > 0:
-                    time.sleep(pause)
-                # Builds in tmp and loads the library from there (torch.ops.load_library): the rename keeps it.
-                try:
-                    cpp_extension.load(name=name, build_directory=tmp, is_python_module=False,
-                                       verbose=os.environ.get("IMM_FAST_VERBOSE_BUILD", "0") == "1", **spec)
-                except BaseException:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    raise
-                loaded = True
-                if os.path.isdir(final) and not os.path.exists(lib):  # a folder without the library: replace it
-                    shutil.rmtree(final, ignore_errors=True)
-                try:
-                    os.rename(tmp, final)
-                except OSError:  # published meanwhile by a build that outlived its stale lock: keep that one
-                    if not os.path.exists(lib):
-                        raise
-                    shutil.rmtree(tmp, ignore_errors=True)
+                return _build_locked(root, name, spec, final, lib)
             finally:
-                owner = _read_owner(lock_path) or {}
-                if (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):  # ours only
-                    try:
-                        os.remove(lock_path)
-                    except FileNotFoundError:
-                        pass
-            break
-        owner = _read_owner(lock_path)
-        if owner is None:
-            continue  # released between our attempts: try again at once
-        why = _stale_reason(lock_path, owner, stale_s)
-        if why:
-            _backend.warn_once(f"ext-stale-{lock_path}-{owner.get('pid')}",
-                               f"imm_fast: clearing a stale build lock {lock_path} ({why}; owner {owner})")
-            try:
-                os.remove(lock_path)
-            except FileNotFoundError:
-                pass
-            continue
-        waited = time.monotonic() - t0
-        if waited > wait_s:
-            raise BuildTimeoutError(
-                f"waited {waited:.0f} s (IMM_FAST_BUILD_WAIT_S={wait_s:.0f}) for process {owner.get('pid')} on "
-                f"{owner.get('host')} to build the imm_fast C++ kernels ({lock_path}); if that process is hung, "
-                "stop it or remove the lock file")
-        if not told:
-            told = True
-            sys.stderr.write(f"imm_fast: waiting for process {owner.get('pid')} on {owner.get('host')} to build "
-                             f"the C++ kernels ({lock_path}; at most {wait_s:.0f} s)\n")
-            sys.stderr.flush()
-        time.sleep(0.2)
-    return lib, loaded
+                _release(lock_path)
+        told = _wait_turn(lock_path, stale_s, wait_s, t0, told)
+    return lib, False
 
 
 def _jit_build(with_cuda: bool) -> None:
@@ -341,6 +491,8 @@ def unavailable(device_type: str):
         return f"the C++ extension is not available ({_error})"
     key = "CPU" if device_type == "cpu" else "CUDA"
     if not _has_kernel(key):
+        if key == "CUDA" and torch.version.cuda is not None and cuda_mismatch():
+            return f"the C++ extension has no CUDA kernel: {cuda_mismatch()}"
         return (f"the C++ extension has no {key} kernel (it needs a CUDA build of torch and a CUDA toolkit when "
                 f"it is built; torch.version.cuda={torch.version.cuda})")
     return None

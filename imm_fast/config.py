@@ -56,9 +56,10 @@ SEED_MAX = 2**32 - 1                              # numpy's seed range
 
 
 def _mmd_backends():
-    from ._backend import BACKENDS  # looked up when a backend is named: the registry owns the list
+    from . import _backend
+    from .ops import mmd  # noqa: F401  (looked up when a backend is named: registers mmd's backends)
 
-    return BACKENDS
+    return _backend.names("mmd")
 
 
 # ----------------------------------------------------------------------------------------------------------------

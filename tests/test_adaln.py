@@ -1,4 +1,5 @@
-"""adaLN kernels (Triton, interpreter on the CPU) against the float64 reference: outputs and every gradient."""
+"""adaLN kernels of every registered backend (Triton under the interpreter on the CPU) against the float64
+reference: outputs and every gradient; the custom ops' fakes against the real ops."""
 import os
 
 import pytest
@@ -7,12 +8,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from _backends import kernel_backends, skip_unless_runs  # noqa: E402
 from imm_fast import _backend  # noqa: E402
 from imm_fast.ops.adaln import (adaln_modulate, adaln_modulate_ref, gated_residual, gated_residual_adaln,  # noqa: E402
                                 gated_residual_adaln_ref, gated_residual_ref)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(not _backend.triton_usable(torch.device(DEV)), reason="triton is not usable here")
+BACKENDS = kernel_backends("adaln")  # every registered backend but the reference: a new one is tested here too
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 SHAPES = [(2, 16, 64), (3, 1, 72), (2, 16, 37), (2, 256, 1152)]  # (B, T, C): odd width, T = 1, DiT-XL width
@@ -44,14 +46,16 @@ def run(op, x, y, mod, backend, weights):
     return [o.detach().double() for o in outs], [g.double() for g in torch.autograd.grad(loss, wrt)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["modulate", "residual", "residual_adaln"])
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_float64_reference(op, dt, shape):
+def test_matches_float64_reference(op, dt, shape, backend):
     dtype = DTYPES[dt]
+    skip_unless_runs("adaln", backend, DEV, dtype)
     x, y, mod = inputs(*shape, dtype)
     weights = [torch.randn(shape, device=DEV, dtype=torch.float64) for _ in range(2)]
-    got = run(op, x, y, mod, "triton", weights)
+    got = run(op, x, y, mod, backend, weights)
     same = run(op, x, y, mod, "ref", weights)  # torch in the same dtype
     x64, y64, m64 = (v.detach().double().requires_grad_() for v in (x, y, mod))
     want = run(op, x64, y64, m64, "ref", weights)
@@ -62,10 +66,12 @@ def test_matches_float64_reference(op, dt, shape):
         assert err <= 2 * err_torch + ATOL[dtype] * scale, (err, err_torch)
 
 
-def test_fp32_tight_and_deterministic():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_tight_and_deterministic(backend):
+    skip_unless_runs("adaln", backend, DEV)
     x, y, mod = inputs(2, 16, 72, torch.float32)
     shift, scale, gate = mod.chunk(6, dim=1)[:3]
-    a = gated_residual_adaln(x, gate, y, shift, scale, backend="triton")
+    a = gated_residual_adaln(x, gate, y, shift, scale, backend=backend)
     b = gated_residual_adaln_ref(x, gate, y, shift, scale)
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
@@ -76,12 +82,14 @@ def test_fp32_tight_and_deterministic():
         assert torch.equal(u, v)
 
 
-def test_unused_output_and_modulation_dtype_promotion():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unused_output_and_modulation_dtype_promotion(backend):
     """Only x_new used (the modulated output unused); fp32 modulation on a bf16 stream promotes like torch."""
+    skip_unless_runs("adaln", backend, DEV)
     x, y, mod = inputs(2, 8, 64, torch.bfloat16)
     m32 = mod.detach().float().requires_grad_()
     shift, scale, gate = m32.chunk(6, dim=1)[:3]
-    xn, out = gated_residual_adaln(x, gate, y, shift, scale, backend="triton")
+    xn, out = gated_residual_adaln(x, gate, y, shift, scale, backend=backend)
     rn, rout = gated_residual_adaln_ref(x, gate, y, shift, scale)
     assert xn.dtype == rn.dtype == torch.float32 and out.dtype == rout.dtype
     gx, gm = torch.autograd.grad(xn.sum(), (x, m32))
@@ -91,18 +99,79 @@ def test_unused_output_and_modulation_dtype_promotion():
     torch.testing.assert_close(gx, rx)
 
 
-def test_custom_ops_trace_under_compile():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_trace_under_compile(backend):
+    skip_unless_runs("adaln", backend, DEV)
     x, y, mod = inputs(2, 4, 32, torch.float32)
     shift, scale, gate = (v.detach() for v in mod.chunk(6, dim=1)[:3])
 
     def f(x, y):
-        xn, h = gated_residual_adaln(x, gate, y, shift, scale, backend="triton")
-        return gated_residual(xn, gate, h, backend="triton").sum() + adaln_modulate(h, shift, scale,
-                                                                                     backend="triton").sum()
+        xn, h = gated_residual_adaln(x, gate, y, shift, scale, backend=backend)
+        return gated_residual(xn, gate, h, backend=backend).sum() + adaln_modulate(h, shift, scale,
+                                                                                    backend=backend).sum()
 
     got = torch.compile(f, fullgraph=True, backend="aot_eager")(x, y)
     torch.testing.assert_close(got, f(x, y))
-    torch.library.opcheck(torch.ops.imm_fast.adaln_fwd.default, (x.detach(), gate, y.detach(), shift, scale, 1e-6))
+    torch.library.opcheck(torch.ops.imm_fast.adaln_fwd.default,
+                          (x.detach(), gate, y.detach(), shift, scale, 1e-6, backend))
+
+
+# The three forms of the one schema (residual only, norm only, both) and the backward of each.
+_FORMS = {"residual": (True, False), "modulate": (False, True), "residual_adaln": (True, True)}
+
+
+def _fwd_args(form, x, y, gate, shift, scale, backend):
+    res, norm = _FORMS[form]
+    return (x, gate if res else None, y if res else None, shift if norm else None, scale if norm else None, 1e-6,
+            backend)
+
+
+def _bwd_args(form, outs, x, y, gate, scale, backend):
+    res, norm = _FORMS[form]
+    xnew, out, mean, rstd = outs
+    xn = (xnew if res else x) if norm else None
+    return (torch.ones_like(out) if norm else None, torch.ones_like(xnew) if res else None, xn, y if res else None,
+            gate if res else None, scale if norm else None, mean if norm else None, rstd if norm else None, x.dtype,
+            backend)
+
+
+def _distinct(outs):
+    return len({id(t) for t in outs}) == len(outs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", list(_FORMS))
+def test_fakes_return_distinct_outputs_like_the_real_op(form, backend):
+    """Each output is its own tensor (absent ones too), in the real ops and in their fakes (FakeTensorMode and
+    the graph torch.compile traces), with the same shapes and dtypes."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    skip_unless_runs("adaln", backend, DEV)
+    x, y, mod = (t.detach() for t in inputs(2, 4, 32, torch.float32))
+    shift, scale, gate = mod.chunk(6, dim=1)[:3]
+    fwd, bwd = torch.ops.imm_fast.adaln_fwd, torch.ops.imm_fast.adaln_bwd
+    real = fwd(*_fwd_args(form, x, y, gate, shift, scale, backend))
+    real_b = bwd(*_bwd_args(form, real, x, y, gate, scale, backend))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx, fy, fm = (mode.from_tensor(t) for t in (x, y, mod))
+        fshift, fscale, fgate = fm.chunk(6, dim=1)[:3]
+        fake = fwd(*_fwd_args(form, fx, fy, fgate, fshift, fscale, backend))
+        fake_b = bwd(*_bwd_args(form, fake, fx, fy, fgate, fscale, backend))
+    for r, f in ((real, fake), (real_b, fake_b)):
+        assert _distinct(r) and _distinct(f)
+        assert [(t.shape, t.dtype) for t in r] == [(t.shape, t.dtype) for t in f]
+
+    seen = []
+
+    def spy(gm, example_inputs):  # the outputs of the traced fake call are distinct nodes' values
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "adaln_fwd" in str(node.target):
+                seen.append(node.meta["example_value"])
+        return gm
+
+    args = _fwd_args(form, x, y, gate, shift, scale, backend)
+    torch.compile(lambda *a: fwd(*a), backend=spy, fullgraph=True)(*args)
+    assert len(seen) == 1 and _distinct(seen[0])
 
 
 def test_bad_inputs():

@@ -16,10 +16,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from _backends import kernel_backends, skip_unless_runs  # noqa: E402
 from imm_fast import _backend  # noqa: E402
 from imm_fast.ops.attention import attention, attention_ref  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BACKENDS = kernel_backends("attention")  # every registered backend but the reference: a new one is tested here too
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 needs_triton = pytest.mark.skipif(not _backend.triton_usable(torch.device(DEV)), reason="triton not usable here")
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -46,12 +48,13 @@ def run(fn, qkv, do, norm, **kw):
     return [out.double()] + [g.double() for g in grads]
 
 
-def check_fa_rule(B, H, T, Dh, dtype, qk_norm, scale=None):
+def check_fa_rule(B, H, T, Dh, dtype, qk_norm, scale=None, backend="triton"):
+    skip_unless_runs("attention", backend, DEV, dtype, Dh=Dh)
     qkv, do, norm = make_inputs(B, H, T, Dh, dtype, qk_norm)
     d = lambda t: t.double()  # noqa: E731
     ref = run(attention_ref, d(qkv), d(do), None if norm is None else tuple(map(d, norm)), H=H, scale=scale)
     same = run(attention_ref, qkv, do, norm, H=H, scale=scale)
-    kern = run(attention, qkv, do, norm, H=H, scale=scale, backend="triton")
+    kern = run(attention, qkv, do, norm, H=H, scale=scale, backend=backend)
     names = ["out", "dqkv", "dq_weight", "dq_bias", "dk_weight", "dk_bias"]
     for name, r, s, k in zip(names, ref, same, kern):
         assert k.shape == r.shape, name
@@ -64,7 +67,7 @@ def check_fa_rule(B, H, T, Dh, dtype, qk_norm, scale=None):
 
 # ------------------------------------------------------------------------------------------------ CPU tier
 
-@needs_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,H,T,Dh,qk_norm", [
     (1, 2, 1, 32, False),  # a single token
     (2, 1, 7, 72, True),  # DiT-XL head dim, T below one block, qk-norm
@@ -75,24 +78,24 @@ def check_fa_rule(B, H, T, Dh, dtype, qk_norm, scale=None):
     (1, 2, 7, 24, True),  # one padded power-of-two tile (24 -> 32)
     (1, 1, 64, 96, True),  # head dim in two tiles, 64 + 32
 ])
-def test_fp32(B, H, T, Dh, qk_norm):
-    check_fa_rule(B, H, T, Dh, torch.float32, qk_norm)
+def test_fp32(B, H, T, Dh, qk_norm, backend):
+    check_fa_rule(B, H, T, Dh, torch.float32, qk_norm, backend=backend)
 
 
-@needs_triton
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("B,H,T,Dh,qk_norm", [(1, 2, 64, 72, True), (2, 1, 129, 64, False)])
-def test_half(B, H, T, Dh, qk_norm, dtype):
-    check_fa_rule(B, H, T, Dh, dtype, qk_norm)
+def test_half(B, H, T, Dh, qk_norm, dtype, backend):
+    check_fa_rule(B, H, T, Dh, dtype, qk_norm, backend=backend)
 
 
-@needs_triton
-def test_custom_scale_and_none_norm_entries():
-    check_fa_rule(1, 2, 7, 40, torch.float32, False, scale=0.3)  # Dh 40: a multiple of 8, not a power of 2
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_scale_and_none_norm_entries(backend):
+    check_fa_rule(1, 2, 7, 40, torch.float32, False, scale=0.3, backend=backend)  # Dh 40: not a power of 2
     qkv, do, norm = make_inputs(1, 2, 7, 40, torch.float32, True)
     part = (norm[0], None, None, norm[3])  # None = weight 1 / bias 0, as F.layer_norm reads it
     ref = attention_ref(qkv.double(), 2, tuple(None if t is None else t.double() for t in part))
-    torch.testing.assert_close(attention(qkv, 2, part, backend="triton").double(), ref, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(attention(qkv, 2, part, backend=backend).double(), ref, atol=2e-5, rtol=1e-5)
 
 
 @needs_triton
@@ -137,23 +140,49 @@ def test_lse_and_strided_input():
     torch.testing.assert_close(g.double(), g_ref, atol=2e-5, rtol=1e-5)
 
 
-@needs_triton
-def test_backward_deterministic():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_deterministic(backend):
+    skip_unless_runs("attention", backend, DEV, Dh=32)
     qkv, do, norm = make_inputs(1, 2, 129, 32, torch.float32, True, seed=3)
-    a = run(attention, qkv, do, norm, H=2, backend="triton")
-    b = run(attention, qkv, do, norm, H=2, backend="triton")
+    a = run(attention, qkv, do, norm, H=2, backend=backend)
+    b = run(attention, qkv, do, norm, H=2, backend=backend)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
 
 
-@needs_triton
-def test_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
     """The custom op's fake impl, schema and autograd registration agree with the real kernel."""
     from imm_fast.ops.attention import _attention_fwd_op
 
+    skip_unless_runs("attention", backend, DEV, Dh=32)
     qkv, _, norm = make_inputs(1, 1, 7, 32, torch.float32, True)
-    torch.library.opcheck(_attention_fwd_op, (qkv.requires_grad_(True), 1, *norm, 0.2, 1e-5),
+    torch.library.opcheck(_attention_fwd_op, (qkv.requires_grad_(True), 1, *norm, 0.2, 1e-5, backend),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fakes_return_distinct_outputs_like_the_real_op(backend, qk_norm):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from imm_fast.ops.attention import _attention_bwd_op, _attention_fwd_op
+
+    skip_unless_runs("attention", backend, DEV, Dh=32)
+    qkv, do, norm = make_inputs(1, 2, 7, 32, torch.float32, qk_norm)
+    norm = norm or (None,) * 4
+
+    def both(qkv, do, norm):
+        o, lse = _attention_fwd_op(qkv, 2, *norm, 0.2, 1e-5, backend)
+        return (o, lse), _attention_bwd_op(do, qkv, o, lse, 2, *norm, 0.2, 1e-5, backend)
+
+    real = both(qkv, do, norm)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fnorm = tuple(None if t is None else mode.from_tensor(t) for t in norm)
+        fake = both(mode.from_tensor(qkv), mode.from_tensor(do), fnorm)
+    for r, f in zip(real, fake):
+        assert len({id(t) for t in r}) == len(r) and len({id(t) for t in f}) == len(f)
+        assert [(t.shape, t.dtype) for t in r] == [(t.shape, t.dtype) for t in f]
 
 
 _SM90_COMPILE = r"""
@@ -210,11 +239,12 @@ def test_kernels_compile_for_sm90():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
 
 
-@needs_triton
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
     """The fused path traces as one custom op each way (no graph break), forward and backward (aot_eager)."""
+    skip_unless_runs("attention", backend, DEV, Dh=40)
     qkv, do, norm = make_inputs(1, 2, 7, 40, torch.float32, True, seed=7)
-    fn = torch.compile(lambda x, n: attention(x, 2, n, backend="triton"), backend="aot_eager", fullgraph=True)
+    fn = torch.compile(lambda x, n: attention(x, 2, n, backend=backend), backend="aot_eager", fullgraph=True)
     got = run(lambda x, H, n: fn(x, n), qkv, do, norm, H=2)
     ref = run(attention_ref, qkv.double(), do.double(), tuple(t.double() for t in norm), H=2)
     for g, r in zip(got, ref):
@@ -251,11 +281,12 @@ def test_errors():
 
 # ------------------------------------------------------------------------------------------------ GPU tier
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("B,H,T,Dh,qk_norm", [(4, 16, 256, 72, False), (4, 12, 256, 64, True),
                                                (2, 4, 1000, 128, True), (3, 2, 77, 32, False)])
-def test_gpu_dit_sizes(B, H, T, Dh, qk_norm, dtype):
-    check_fa_rule(B, H, T, Dh, dtype, qk_norm)
+def test_gpu_dit_sizes(B, H, T, Dh, qk_norm, dtype, backend):
+    check_fa_rule(B, H, T, Dh, dtype, qk_norm, backend=backend)
 
 
 for _m in gpu:

@@ -2,6 +2,7 @@
 fused/reference switch, checks before dispatch, and an import that loads no torch._dynamo."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -14,8 +15,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from _backends import TOY, kernel_backends, skip_unless_runs, toys  # noqa: E402
 from imm_fast import _backend  # noqa: E402
-from imm_fast.ops.adaln import adaln_modulate, adaln_modulate_ref  # noqa: E402
+from imm_fast.ops.adaln import (adaln_modulate, adaln_modulate_ref, gated_residual_adaln,  # noqa: E402
+                                gated_residual_adaln_ref)
 from imm_fast.ops.attention import attention, attention_ref  # noqa: E402
 from imm_fast.ops.mmd import mmd_loss, mmd_loss_ref  # noqa: E402
 
@@ -113,7 +116,8 @@ def test_a_new_backend_is_one_registration():
     op = "toy_for_test"
     try:
         _backend.register(op, _backend.Impl("cpp", devices=("cpu",), dtypes=(torch.float32,),
-                                            limits=lambda a: [] if a.get("n", 0) <= 4 else ["n > 4"]))
+                                            limits=lambda a: [] if a.get("n", 0) <= 4 else ["n > 4"],
+                                            launcher=lambda device_type: None))
         assert [i.name for i in _backend.impls(op)] == ["cpp", "torch"]
         assert _backend.select(op, None, "cpu", torch.float32, n=3) == "cpp"
         assert _backend.select(op, None, "cpu", torch.float64, n=3) == "torch"  # auto falls back
@@ -123,7 +127,116 @@ def test_a_new_backend_is_one_registration():
         with pytest.raises(ValueError, match="cpp: n > 4"):
             _backend.select(op, "cpp", "cpu", torch.float32, n=9)
     finally:
-        _backend._REGISTRY.pop(op, None)
+        _backend.unregister(op, "cpp")
+    with pytest.raises(KeyError, match="no backends registered for op 'toy_for_test'"):
+        _backend.impls(op)
+
+
+def test_any_well_formed_name_registers_and_bad_ones_are_named():
+    op, launch = "named_for_test", (lambda device_type: None)
+    try:
+        _backend.register(op, _backend.Impl("my_kernels2", launcher=launch))
+        assert _backend.names(op) == ("my_kernels2", "torch") and "my_kernels2" in _backend.names()
+        _backend.register(op, _backend.Impl("my_kernels2", devices=("cuda",), launcher=launch))  # replaces in place
+        assert _backend.names(op) == ("my_kernels2", "torch")
+        assert _backend.impls(op)[0].devices == ("cuda",)
+        for bad in ("Bad Name", "", "9lives", "x" * 40, None):
+            with pytest.raises(ValueError, match="must be a short lowercase name"):
+                _backend.register(op, _backend.Impl(bad, launcher=launch))
+        with pytest.raises(ValueError, match="'torch' is the pure-torch reference"):
+            _backend.register(op, _backend.Impl("torch", launcher=launch))
+        with pytest.raises(ValueError, match="needs launcher="):
+            _backend.register(op, _backend.Impl("nolauncher"))
+        with pytest.raises(TypeError, match="must be an imm_fast._backend.Impl"):
+            _backend.register(op, "my_kernels3")
+        with pytest.raises(KeyError, match="no removable backend 'torch'"):
+            _backend.unregister(op, "torch")
+    finally:
+        _backend.unregister(op, "my_kernels2")
+    assert "my_kernels2" not in _backend.names()
+
+
+def _toy_calls():
+    """Per op with a toy backend (tests/_backends.py): run(backend) -> (output, its gradients), and the reference."""
+    g = torch.Generator().manual_seed(3)
+    h, y = torch.randn(2, 3, 16, generator=g), torch.randn(2, 3, 16, generator=g)
+    mod = torch.randn(2, 3, 16, generator=g).unbind(1)  # gate, shift, scale (B, C)
+    qkv = torch.randn(1, 5, 3 * 2 * 8, generator=g)
+    norm = tuple(torch.randn(8, generator=g) for _ in range(4))
+
+    def grads(fn, inputs):
+        inputs = [t.clone().requires_grad_() for t in inputs]
+        out = fn(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        gs = torch.autograd.grad(sum((o * (k + 1.5)).sum() for k, o in enumerate(outs)), inputs)
+        return [o.detach() for o in outs] + list(gs)
+
+    def adaln(b):
+        fn = gated_residual_adaln_ref if b == "ref" else functools.partial(gated_residual_adaln, backend=b)
+        return grads(lambda x, yy, gt, sh, sc: fn(x, gt, yy, sh, sc), [h, y, *mod])
+
+    def attn(b):
+        fn = attention_ref if b == "ref" else functools.partial(attention, backend=b)
+        return grads(lambda x, *n: fn(x, 2, n), [qkv, *norm])
+
+    return {"adaln": adaln, "attention": attn}
+
+
+@pytest.mark.parametrize("op", ["adaln", "attention"])
+def test_a_toy_backend_is_selected_run_and_removed(op, monkeypatch):
+    """A backend under a new name is one registration: argument, IMM_FAST_BACKEND and auto pick it, the custom
+    ops run its launchers (forward and backward), and unregistering removes every trace (no stale choice)."""
+    run, calls = _toy_calls()[op], []
+    want = run("ref")
+    facts = {"Dh": 8} if op == "attention" else {}
+    with toys(calls):
+        assert _backend.names(op)[-2:] == (TOY, "torch")
+        assert _backend.select(op, TOY, "cpu", torch.float32, **facts) == TOY
+        assert _backend.auto(op, _backend.op_args("cpu", torch.float32, **facts)) == TOY  # triton: interpreter
+        for got, ref in zip(run(TOY), want):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert calls.count((op, "cpu")) == 2  # forward and backward launchers, through _backend.launcher
+        monkeypatch.setenv(_backend.ENV, TOY)
+        assert _backend.select(op, None, "cpu", torch.float32, **facts) == TOY
+        with warnings.catch_warnings(record=True) as w:  # mmd has no toy: one warning, then auto
+            warnings.simplefilter("always")
+            mmd_loss(torch.randn(4, 3), torch.randn(4, 3), 2)
+        assert [str(x.message) for x in w if "IMM_FAST_BACKEND='toy' cannot run mmd" in str(x.message)]
+        monkeypatch.delenv(_backend.ENV)
+    assert TOY not in _backend.names()
+    with pytest.raises(ValueError, match="backend='toy' is not one of the registered backends"):
+        _backend.select(op, TOY, "cpu", torch.float32, **facts)  # the cached choice went with the registration
+    monkeypatch.setenv(_backend.ENV, TOY)
+    with pytest.raises(ValueError, match="IMM_FAST_BACKEND='toy' is not one of the registered backends"):
+        run(None)
+
+
+_OP_TESTS_WITH_TOY = r"""
+import os, sys
+sys.path.insert(0, {tests!r})
+import _backends
+_backends.register_toys()
+import pytest
+sys.exit(pytest.main([os.path.join({tests!r}, "test_adaln.py"), os.path.join({tests!r}, "test_attention.py"),
+                      "-q", "-p", "no:cacheprovider", "-k", "toy and not 2x256x1152 and not compile",
+                      "-rA", "--rootdir", {tests!r}]))
+"""
+
+
+@pytest.mark.slow
+def test_op_tests_run_over_a_new_backend_without_editing_them(tmp_path):
+    """With the toy backend registered before collection, the adaLN and attention tests parametrize over it and
+    pass: no test list names backends."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    code = _OP_TESTS_WITH_TOY.format(tests=tests)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    passed = [line for line in r.stdout.splitlines() if line.startswith("PASSED") and "toy]" in line]
+    for name in ("test_adaln.py::test_matches_float64_reference", "test_adaln.py::test_fakes_return_distinct",
+                 "test_attention.py::test_fp32", "test_attention.py::test_half", "test_attention.py::test_opcheck"):
+        assert any(name in line for line in passed), (name, r.stdout[-3000:])
 
 
 def test_mmd_kernel_dtypes_and_grad_scale_are_reasons():
@@ -174,18 +287,18 @@ def test_absent_outputs_adaln_and_attention():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x, g = torch.randn(2, 3, 16), torch.randn(2, 16)
-    real = torch.ops.imm_fast.adaln_fwd(x, g, x, None, None, 0.0)  # residual only: out, mean, rstd absent
+    real = torch.ops.imm_fast.adaln_fwd(x, g, x, None, None, 0.0, "triton")  # residual only: out, mean, rstd absent
     with FakeTensorMode():
         fx, fg = torch.empty(2, 3, 16), torch.empty(2, 16)
-        fake = torch.ops.imm_fast.adaln_fwd(fx, fg, fx, None, None, 0.0)
+        fake = torch.ops.imm_fast.adaln_fwd(fx, fg, fx, None, None, 0.0, "triton")
     for r, f in zip(real[1:], fake[1:]):
         _absent_ok(r, torch.float32)
         _absent_ok(f, torch.float32)
     from imm_fast.ops.attention import _attention_bwd_op, _attention_fwd_op
 
     qkv = torch.randn(1, 4, 48)
-    o, lse = _attention_fwd_op(qkv, 2, None, None, None, None, 0.35, 1e-5)
-    grads = _attention_bwd_op(torch.randn_like(o), qkv, o, lse, 2, None, None, None, None, 0.35, 1e-5)
+    o, lse = _attention_fwd_op(qkv, 2, None, None, None, None, 0.35, 1e-5, "triton")
+    grads = _attention_bwd_op(torch.randn_like(o), qkv, o, lse, 2, None, None, None, None, 0.35, 1e-5, "triton")
     assert len(grads) == 5 and grads[0].shape == qkv.shape
     for t in grads[1:]:
         _absent_ok(t, torch.float32)
@@ -223,10 +336,10 @@ def test_dit_uses_the_one_resolution(monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Checks before dispatch, infinities, double backward
 
-@pytest.mark.parametrize("backend", [None, "torch", "triton", "cpp"])
+@pytest.mark.parametrize("backend", [None, "torch"] + kernel_backends("mmd"))
 def test_bad_arguments_fail_the_same_on_every_backend(backend):
-    if backend == "triton" and not TRITON or backend == "cpp" and not _cpp():
-        pytest.skip(f"{backend} not usable here")
+    if backend is not None:
+        skip_unless_runs("mmd", backend, "cpu")
     x, y = torch.randn(8, 5), torch.randn(8, 5)
     with pytest.raises(ValueError, match=r"at least one value per row \(D >= 1\)"):
         mmd_loss(torch.randn(8, 0), torch.randn(8, 0), 4, backend=backend)
@@ -240,14 +353,13 @@ def test_bad_arguments_fail_the_same_on_every_backend(backend):
         mmd_loss(x, y, 4, eps=float("inf"), backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", kernel_backends("mmd"))
 @pytest.mark.parametrize("kernel", ["laplace", "rbf"])
 @pytest.mark.parametrize("where, value", [("x", float("inf")), ("x", -float("inf")), ("y", float("inf"))])
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside Triton's interpreter
 def test_infinities_give_nan_like_the_reference(backend, kernel, where, value):
     """x[1,3] = inf: the reference gives NaN for that group (inf - inf on the diagonal); so must every backend."""
-    if backend == "triton" and not TRITON or backend == "cpp" and not _cpp():
-        pytest.skip(f"{backend} not usable here")
+    skip_unless_runs("mmd", backend, "cpu")
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
     (x if where == "x" else y)[1, 3] = value

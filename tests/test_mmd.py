@@ -18,11 +18,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from _backends import kernel_backends  # noqa: E402
 from imm_fast import _backend  # noqa: E402
 from imm_fast.ops import mmd as mmd_mod  # noqa: E402
 from imm_fast.ops.mmd import mmd_loss, mmd_loss_ref  # noqa: E402
 
 CUDA = torch.cuda.is_available()
+KERNEL_BACKENDS = kernel_backends("mmd")  # every registered backend but the reference (cuda skips on the CPU)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
@@ -204,7 +206,7 @@ def test_triton_cpu_dtypes_kernels_strided(dtype, kernel):
     _check("triton", "cpu", 3, 4, 33, dtype=dtype, case="near", kernel=kernel, strided=True, reduction="none")
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_options(backend):
     """normalize_dim=False, no weight, only x requiring grad (the IMM target y is detached), float scale."""
     _skip_unless_usable(backend, "cpu")
@@ -232,7 +234,7 @@ def test_options(backend):
                                        rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_mixed_dtypes(backend):
     """x fp32 and y bf16 run in the promoted dtype, like the reference; dL/dy comes back in bf16."""
     _skip_unless_usable(backend, "cpu")
@@ -314,7 +316,7 @@ def test_dispatch_reaches_the_kernel(monkeypatch):
     assert calls == expect
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
+@pytest.mark.parametrize("backend", ["torch"] + KERNEL_BACKENDS)
 def test_compile_fullgraph(backend):
     """torch.compile(fullgraph=True) (inductor) of a function calling mmd_loss: value and gradients match the
     float64 reference. With triton, y does not require grad (the IMM call); otherwise both gradients."""
@@ -339,7 +341,7 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("need", [(True, False), (True, True), (False, False)], ids=["gx", "gxgy", "none"])
 def test_fake_impl_and_opcheck(backend, need):
     """The fake implementation and autograd registration agree with the real op (torch.library.opcheck)."""

@@ -270,3 +270,78 @@ def test_nan_propagates_like_the_reference(ext, kernel):
     assert torch.isnan(mmd2[0]) and torch.isnan(want[0])
     torch.testing.assert_close(mmd2[1:].double(), want[1:], rtol=1e-5, atol=1e-7)
     assert torch.isnan(gx[:2]).any() and torch.isfinite(gx[2:]).all() and torch.isfinite(gy[2:]).all()
+
+
+# ---- A CUDA toolkit whose major version differs from torch's ----------------------------------------------
+
+
+@pytest.fixture
+def cuda_11_toolkit_for_cuda_12_torch(monkeypatch):
+    """The version probes say: torch built with CUDA 12.4, the toolkit at CUDA_HOME is CUDA 11.8."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/opt/fake-cuda-11.8")
+    monkeypatch.setattr(_ext, "toolkit_cuda_version", lambda: "11.8")
+    monkeypatch.setattr(_ext, "_MISMATCH", {})
+
+
+def _one_line_naming_both(lines):
+    mine = [line for line in lines if "11.8" in line and "12.4" in line]
+    assert len(mine) == 1 and "\n" not in mine[0].strip(), lines
+    return mine[0]
+
+
+def _load_setup_py():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "setup.py")
+    spec = importlib.util.spec_from_file_location("imm_fast_setup_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # defines the functions; setup() runs only as __main__
+    return mod
+
+
+def test_setup_py_warns_once_and_builds_the_cpu_kernels_on_a_cuda_major_mismatch(
+        cuda_11_toolkit_for_cuda_12_torch, monkeypatch, capsys):
+    monkeypatch.delenv("IMM_FAST_BUILD_EXT", raising=False)
+    [ext], cmdclass = _load_setup_py().ext_modules_and_cmdclass()
+    assert ext.name == "imm_fast._C" and "build_ext" in cmdclass
+    assert ext.sources and not [s for s in ext.sources if s.endswith(".cu")]  # the C++ CPU kernels alone
+    err = capsys.readouterr().err.splitlines()
+    assert "major versions differ" in _one_line_naming_both(err)
+    monkeypatch.setattr(_ext, "toolkit_cuda_version", lambda: "12.1")  # same major: the CUDA kernels join
+    monkeypatch.setattr(_ext, "_MISMATCH", {})
+    [ext], _ = _load_setup_py().ext_modules_and_cmdclass()
+    assert [s for s in ext.sources if s.endswith(".cu")]
+    assert not [line for line in capsys.readouterr().err.splitlines() if "12.4" in line]
+
+
+def test_jit_build_warns_once_builds_the_cpu_kernels_and_cuda_says_why(cuda_11_toolkit_for_cuda_12_torch,
+                                                                      monkeypatch):
+    import sys
+
+    builds = []
+    monkeypatch.setitem(sys.modules, "imm_fast._C", None)  # no prebuilt extension: the just-in-time path
+    monkeypatch.delenv("IMM_FAST_BUILD_EXT", raising=False)
+    monkeypatch.setattr(_ext, "_jit_build", builds.append)
+    monkeypatch.setattr(_ext, "_has_kernel", lambda key: key == "CPU" and builds == [False])
+    monkeypatch.setattr(_ext, "_register_fake", lambda: None)
+    monkeypatch.setattr(_ext, "_loaded", None)
+    monkeypatch.setattr(_ext, "_error", None)
+    from imm_fast import _backend
+
+    monkeypatch.setattr(_backend, "_warned", set())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert _ext.unavailable("cpu") is None and _ext.unavailable("cuda") is not None
+        _ext.unavailable("cuda")
+    assert builds == [False]  # the CUDA build is not attempted; the CPU one is
+    _one_line_naming_both([str(x.message) for x in w])
+    why = _ext.unavailable("cuda")
+    assert "CUDA 11.8" in why and "CUDA 12.4" in why
+    from imm_fast.ops import mmd  # noqa: F401  (registers mmd's backends)
+
+    cuda = next(i for i in _backend.impls("mmd") if i.name == "cuda")
+    assert any("CUDA 11.8" in r and "CUDA 12.4" in r for r in cuda.why_not(_backend.op_args("cuda", torch.float32)))

@@ -45,19 +45,24 @@ def attention_ref(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Custom ops (so torch.compile traces the fused path as one opaque node each way)
+#
+# Launcher contract: a backend registers launcher(device_type) -> (attention_fwd, attention_bwd) with
+#   attention_fwd(qkv, num_heads, norm, scale, eps) -> (o (B, T, C), lse (B, H, T) fp32 natural-log logsumexp)
+#   attention_bwd(do, qkv, o, lse, num_heads, norm, scale, eps) -> (dqkv, dqw, dqb, dkw, dkb)
+# norm: None or (qw, qb, kw, kb), each fp32 (Dh,); dqkv (B, T, 3C) in qkv's dtype, contiguous; the qk-norm
+# gradients fp32 (Dh,), or _backend.absent(qkv, fp32) without qk-norm. Every output is a fresh, distinct tensor.
 
 @torch.library.custom_op("imm_fast::attention_fwd", mutates_args=())
 def _attention_fwd_op(qkv: torch.Tensor, num_heads: int, qw: Optional[torch.Tensor], qb: Optional[torch.Tensor],
                       kw: Optional[torch.Tensor], kb: Optional[torch.Tensor], scale: float,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..kernels.attention import attention_fwd
-
+                      eps: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    attention_fwd, _ = _backend.launcher("attention", backend, qkv.device.type)
     norm = None if qw is None else (qw, qb, kw, kb)
     return attention_fwd(qkv, num_heads, norm, scale, eps)
 
 
 @_attention_fwd_op.register_fake
-def _(qkv, num_heads, qw, qb, kw, kb, scale, eps):
+def _(qkv, num_heads, qw, qb, kw, kb, scale, eps, backend):
     B, T, C3 = qkv.shape
     return qkv.new_empty((B, T, C3 // 3)), qkv.new_empty((B, num_heads, T), dtype=torch.float32)
 
@@ -65,17 +70,16 @@ def _(qkv, num_heads, qw, qb, kw, kb, scale, eps):
 @torch.library.custom_op("imm_fast::attention_bwd", mutates_args=())
 def _attention_bwd_op(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                       qw: Optional[torch.Tensor], qb: Optional[torch.Tensor], kw: Optional[torch.Tensor],
-                      kb: Optional[torch.Tensor], scale: float,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      kb: Optional[torch.Tensor], scale: float, eps: float,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dqkv, dqw, dqb, dkw, dkb): the qk-norm gradients fp32 (Dh,) with qk-norm, else _backend.absent."""
-    from ..kernels.attention import attention_bwd
-
+    _, attention_bwd = _backend.launcher("attention", backend, qkv.device.type)
     norm = None if qw is None else (qw, qb, kw, kb)
     return tuple(attention_bwd(do, qkv, o, lse, num_heads, norm, scale, eps))
 
 
 @_attention_bwd_op.register_fake
-def _(do, qkv, o, lse, num_heads, qw, qb, kw, kb, scale, eps):
+def _(do, qkv, o, lse, num_heads, qw, qb, kw, kb, scale, eps, backend):
     dqkv = qkv.new_empty(qkv.shape)  # contiguous, as the kernel writes it
     if qw is None:
         return (dqkv,) + tuple(_backend.absent(qkv, torch.float32) for _ in range(4))
@@ -83,20 +87,20 @@ def _(do, qkv, o, lse, num_heads, qw, qb, kw, kb, scale, eps):
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, num_heads, qw, qb, kw, kb, scale, eps = inputs
+    qkv, num_heads, qw, qb, kw, kb, scale, eps, backend = inputs
     o, lse = output
     ctx.save_for_backward(qkv, o, lse, qw, qb, kw, kb)
-    ctx.num_heads, ctx.scale, ctx.eps = num_heads, scale, eps
+    ctx.num_heads, ctx.scale, ctx.eps, ctx.backend = num_heads, scale, eps, backend
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, do, dlse):
     qkv, o, lse, qw, qb, kw, kb = ctx.saved_tensors
-    grads = _attention_bwd_op(do, qkv, o, lse, ctx.num_heads, qw, qb, kw, kb, ctx.scale, ctx.eps)
+    grads = _attention_bwd_op(do, qkv, o, lse, ctx.num_heads, qw, qb, kw, kb, ctx.scale, ctx.eps, ctx.backend)
     dnorm = [None] * 4
     if qw is not None:
         dnorm = [g.to(w.dtype) for g, w in zip(grads[1:], (qw, qb, kw, kb))]
-    return (grads[0], None, *dnorm, None, None)
+    return (grads[0], None, *dnorm, None, None, None)
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -146,9 +150,15 @@ def _triton_auto_skip(args):
     return None
 
 
+def _triton_launchers(device_type):
+    from ..kernels.attention import attention_bwd, attention_fwd
+
+    return attention_fwd, attention_bwd
+
+
 _backend.register("attention", _backend.Impl(
     "triton", devices=("cuda", "cpu"), dtypes=_backend.KERNEL_DTYPES, ready=_backend.triton_ready,
-    limits=_triton_limits, auto_skip=_triton_auto_skip))
+    limits=_triton_limits, auto_skip=_triton_auto_skip, launcher=_triton_launchers))
 
 
 def attention(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5, backend=None):
@@ -157,11 +167,13 @@ def attention(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5, backen
     qkv (B, T, 3*C) -> (B, T, C). qk_norm: None or (q_weight, q_bias, k_weight, k_bias), each (Dh,) (None
     entries mean weight 1 / bias 0), a LayerNorm over Dh with eps qk_norm_eps. scale: None -> 1/sqrt(Dh).
     backend: None (auto: on CUDA the faster of triton and SDPA for (Dh, dtype), see _CUDA_TABLE; on CPU
-    "torch"), "torch" (attention_ref) or "triton" (the fused kernel; Dh a multiple of 8 up to 128; on CPU only
-    under TRITON_INTERPRET=1); chosen by imm_fast._backend's one rule (argument > IMM_FAST_BACKEND > auto).
+    "torch"), "torch" (attention_ref), "triton" (the fused kernel; Dh a multiple of 8 up to 128; on CPU only
+    under TRITON_INTERPRET=1) or another name of imm_fast._backend.names("attention"); chosen by
+    imm_fast._backend's one rule (argument > IMM_FAST_BACKEND > auto).
     """
     Dh = _check_args(qkv, num_heads, qk_norm, scale, qk_norm_eps)
-    if _backend.select("attention", backend, qkv.device.type, qkv.dtype, Dh=Dh) == "torch":
+    impl = _backend.select("attention", backend, qkv.device.type, qkv.dtype, Dh=Dh)
+    if impl == "torch":
         return attention_ref(qkv, num_heads, qk_norm, scale, qk_norm_eps)
     if qk_norm is None:
         qw = qb = kw = kb = None
@@ -170,5 +182,5 @@ def attention(qkv, num_heads, qk_norm=None, scale=None, qk_norm_eps=1e-5, backen
         zeros = lambda: qkv.new_zeros(Dh, dtype=torch.float32)  # noqa: E731
         qw, qb, kw, kb = (t if t is not None else (ones() if i % 2 == 0 else zeros()) for i, t in enumerate(qk_norm))
     scale = 1.0 / math.sqrt(Dh) if scale is None else float(scale)
-    o, _ = _attention_fwd_op(qkv, num_heads, qw, qb, kw, kb, scale, float(qk_norm_eps))
+    o, _ = _attention_fwd_op(qkv, num_heads, qw, qb, kw, kb, scale, float(qk_norm_eps), impl)
     return o
