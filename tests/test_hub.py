@@ -12,6 +12,7 @@ import torch
 
 import imm_fast
 from imm_fast import hub
+from imm_fast.checkpoints import push_to_hub
 from _helpers import random_model
 from _official_format import write_official_pickle
 
@@ -112,14 +113,14 @@ def test_push_to_hub_stages_ema_config_and_card_that_load_back(tmp_path, monkeyp
 
     monkeypatch.setattr(hf.HfApi, "create_repo", lambda self, repo_id, private, exist_ok: None)
     monkeypatch.setattr(hf.HfApi, "upload_folder", upload_folder)
-    url = hub.push_to_hub(r.run_dir, "me/digits-imm")
+    url = push_to_hub(r.run_dir, "me/digits-imm")
     assert url.endswith("/commit/1") and staged["_args"] == ("me/digits-imm", "imm_fast: EMA weights at step 2")
     assert set(staged) == {"ema.safetensors", "config.json", "README.md", "_args"}
     card = staged["README.md"].decode()
     assert card.startswith("---\nlibrary_name: imm_fast") and 'load_official("hf://me/digits-imm/ema.safetensors")' in card
     assert json.loads(staged["config.json"])["max_steps"] == 2
     with pytest.raises(ValueError, match="repo_id"):
-        hub.push_to_hub(r.run_dir, "no-owner")
+        push_to_hub(r.run_dir, "no-owner")
 
     cache = tmp_path / "hub"  # serve the staged weights from a Hub cache, as a user downloading them would
     snap = cache / "models--me--digits-imm" / "snapshots" / COMMIT
