@@ -60,14 +60,19 @@ def _test_pause(point: str, step: int):
 # --------------------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------------------
-def nonfinite_entries(*state_dicts) -> list:
-    """Names of floating-point tensors holding NaN or inf, over all the state dicts with one host sync."""
+def _nonfinite(state_dicts) -> list:
+    """(index of the state dict, name) of the floating-point tensors holding NaN or inf: one host sync for all."""
     keys = [(i, k) for i, sd in enumerate(state_dicts) for k, v in sd.items()
             if torch.is_tensor(v) and v.is_floating_point()]
     if not keys:
         return []
     ok = torch.stack([torch.isfinite(state_dicts[i][k]).all() for i, k in keys]).tolist()
-    return [k for (_, k), good in zip(keys, ok) if not good]
+    return [key for key, good in zip(keys, ok) if not good]
+
+
+def nonfinite_entries(*state_dicts) -> list:
+    """Names of floating-point tensors holding NaN or inf, over all the state dicts with one host sync."""
+    return [k for _, k in _nonfinite(state_dicts)]
 
 
 def _nbytes(obj, depth=0) -> int:
@@ -140,10 +145,12 @@ def save_checkpoint(run_dir, step: int, model, ema_state_dict, train_state: dict
     run_dir = Path(run_dir)
     core = getattr(model, "module", model)
     if check_finite:
-        bad = nonfinite_entries(core.state_dict(), ema_state_dict)
+        bad = _nonfinite((core.state_dict(), ema_state_dict))
         if bad:
-            raise NonFiniteError(f"refusing to write checkpoint {checkpoint_name(step)}: the weights hold NaN or inf "
-                                 f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
+            what = "model" if bad[0][0] == 0 else "EMA"
+            names = [k for i, k in bad if i == bad[0][0]]
+            raise NonFiniteError(f"refusing to write checkpoint {checkpoint_name(step)}: the {what} weights hold NaN "
+                                 f"or inf ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})")
     ck_root = run_dir / "checkpoints"
     name = checkpoint_name(step)
     final = ck_root / name
