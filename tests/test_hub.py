@@ -1,6 +1,7 @@
 """hf:// checkpoints: resolved through huggingface_hub's cache, offline mode honoured, clear errors. No network:
 the Hub cache is laid out in the test exactly as huggingface_hub writes it (refs/main -> snapshots/<commit>/file)."""
 import os
+import time
 import json
 import subprocess
 import sys
@@ -134,3 +135,46 @@ def test_push_to_hub_stages_ema_config_and_card_that_load_back(tmp_path, monkeyp
     local = imm_fast.load_official(r.run_dir)
     for a, b in zip(pulled.state_dict().values(), local.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_without_network_the_cache_is_read_at_once_and_the_hint_is_current(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset, no network: no 32 s of retries (one connection attempt), a cached file loads, and
+    a miss names today's command (`hf download`)."""
+    cache, m = _cache_with(tmp_path, monkeypatch)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in hub._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    attempts = []
+
+    def no_network(address, timeout=None, *a, **k):
+        attempts.append(address)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(hub.socket, "create_connection", no_network)
+    t0 = time.perf_counter()
+    assert imm_fast.load_official("hf://lumaai/imm/tiny.pkl").label_dim == 6
+    with pytest.raises(FileNotFoundError) as info:
+        imm_fast.load_official("hf://lumaai/imm/cifar10.pkl")
+    assert time.perf_counter() - t0 < 5 and len(attempts) == 2
+    msg = str(info.value)
+    assert "`hf download lumaai/imm cifar10.pkl`" in msg and "huggingface-cli" not in msg
+    assert "Network is unreachable" in msg
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # behind a proxy the Hub client decides
+    assert hub.unreachable("https://huggingface.co") is None
+
+
+def test_eval_resolves_hub_paths_like_sample(tmp_path, monkeypatch, capsys):
+    from imm_fast import evaluation as E
+    from imm_fast.__main__ import main
+
+    cache, _ = _cache_with(tmp_path, monkeypatch, channels=3)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = cache / "models--lumaai--imm" / "snapshots" / COMMIT / "tiny.pkl"
+    assert E.checkpoint_file("hf://lumaai/imm/tiny.pkl") == cached
+    # The CLI gets past the checkpoint (it said "does not exist") to the next missing input, the Inception weights.
+    code = main(["eval", "hf://lumaai/imm/tiny.pkl", "--ref", str(tmp_path / "ref.npz"), "--num", "2",
+                 "--inception", str(tmp_path / "no-inception.pth"), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no-inception.pth" in err and "does not exist" not in err.split("no-inception")[0]
