@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -58,11 +59,18 @@ def unreachable(endpoint: str, timeout: float = 3.0) -> "str | None":
         return None
     url = urlsplit(endpoint)
     host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as e:
-        return f"{host} did not answer: {e.strerror or type(e).__name__}"
-    return None
+    why = {}
+
+    def probe():  # in a thread: a name lookup can hang past any socket timeout
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            why["reason"] = f"{host} did not answer: {e.strerror or type(e).__name__}"
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    return f"{host} did not answer within {timeout:g} s" if t.is_alive() else why.get("reason")
 
 
 def resolve(path):

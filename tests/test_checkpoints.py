@@ -19,8 +19,7 @@ import imm_fast
 from imm_fast import evaluation as E
 from imm_fast._files import atomic_write_text, file_sha256
 from imm_fast.checkpoints import (CheckpointWriteError, RunLock, find_checkpoint, load_official, prune_checkpoints,
-                                  read_checkpoint, resolve_checkpoint, save_checkpoint, save_model,
-                                  verify_checkpoint)
+                                  read_checkpoint, resolve_checkpoint, save_checkpoint, verify_checkpoint)
 from imm_fast.checkpoints import training_state
 from imm_fast.errors import CheckpointError, UnsafeCheckpointError, UserError
 

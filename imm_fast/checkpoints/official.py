@@ -135,7 +135,7 @@ def _collect_state_dict(obj, prefix="", out=None, source="the checkpoint", _seen
     """Walk _parameters/_buffers/_modules of the records like nn.Module.state_dict does (a module that contains
     itself, or nesting past MAX_MODULE_DEPTH, is a CheckpointError naming the file and the module)."""
     out = OrderedDict() if out is None else out
-    where = prefix.rstrip(".") or "the network"
+    where = prefix.rstrip(".")[:120] or "the network"
     if id(obj) in _seen:
         raise CheckpointError(f"{str(source)!r}: module {where!r} contains itself")
     if len(_seen) > MAX_MODULE_DEPTH:

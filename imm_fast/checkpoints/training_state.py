@@ -111,11 +111,12 @@ def _write_failure(e: BaseException, ck_root: Path, name: str, needed: int) -> "
     else:
         return None
     prev = next((n for n in list_checkpoints(ck_root) if n != name), None)
-    after = (f"the previous checkpoint {prev} is intact (resume={str(ck_root.parent)!r} continues from it)" if prev
-             else "no earlier checkpoint exists, so this run cannot be resumed (set ckpt_every to keep some)")
+    after = (f"the previous checkpoint {prev} is intact: free space, then resume={str(ck_root.parent)!r} continues "
+             "from it" if prev else "no earlier checkpoint exists (ckpt_every sets how often they are written): free "
+             "space, then start the run again")
     return CheckpointWriteError(
         f"could not write checkpoint {name} in {str(ck_root)!r}: {reason}; it needs about {_gb(needed)} free and "
-        f"the disk has {_gb(free)} free. Its temporaries were removed and {after}; free space, then resume")
+        f"the disk has {_gb(free)} free. Its temporaries were removed; {after}")
 
 
 def _write_files(tmp: Path, step: int, model, ema_state_dict, train_state: dict, config: dict):
