@@ -437,3 +437,39 @@ def test_the_nonfinite_check_runs_once_per_checkpoint(tmp_path, monkeypatch):
     imm_fast.train(None, out_dir=str(tmp_path), run_name="n", max_steps=2, **{**FAST, "ckpt_every": 0})
     assert calls == [2]  # model and EMA together, one host sync, for the one checkpoint
     assert training.nonfinite_entries is training_state.nonfinite_entries
+
+
+def _imports(path: Path, module: str) -> set:
+    """imm_fast modules that `module` (at `path`) imports, function-level imports included."""
+    out = set()
+    pkg = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.ImportFrom) and n.level:
+            base = pkg.rsplit(".", n.level - 1)[0] if n.level > 1 else pkg
+            out.add(f"{base}.{n.module}" if n.module else base)
+            out |= {f"{base}.{a.name}" for a in n.names} if not n.module else set()
+        elif isinstance(n, ast.ImportFrom) and (n.module or "").startswith("imm_fast"):
+            out.add(n.module)
+        elif isinstance(n, ast.Import):
+            out |= {a.name for a in n.names if a.name.startswith("imm_fast")}
+    return out
+
+
+def test_no_import_circle_through_the_checkpoints_or_the_hub():
+    mods = {}
+    for p in PKG.rglob("*.py"):
+        parts = p.relative_to(PKG.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        mods[name] = p
+    graph = {m: {d for d in _imports(p, m) if d in mods} for m, p in mods.items()}
+
+    def reaches(src, dst, seen):
+        for d in graph[src]:
+            if d == dst or (d not in seen and (seen.add(d) or reaches(d, dst, seen))):
+                return True
+        return False
+
+    ours = [m for m in mods if m.startswith("imm_fast.checkpoints.") or m == "imm_fast.hub"]
+    assert len(ours) >= 9
+    circles = [m for m in ours if reaches(m, m, set())]
+    assert not circles, circles
