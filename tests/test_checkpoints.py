@@ -268,6 +268,10 @@ def test_checkpoint_links_are_refused(tmp_path, capsys):
     assert loaded.state_dict()["model.pos_embed"].equal(models[10].state_dict()["model.pos_embed"])
     with pytest.raises(ValueError, match="symbolic link"):
         load_official(link)
+    m = random_model(**TINY)
+    with pytest.raises(CheckpointError, match="symbolic link"):  # never written through the link either
+        save_checkpoint(run, 99, m, m.state_dict(), {}, {})
+    assert verify_checkpoint(_ck(other, 99)) is None
     (_ck(run, 10) / "model.safetensors").unlink()  # a file of the checkpoint that is a link
     (_ck(run, 10) / "model.safetensors").symlink_to(_ck(other, 99) / "model.safetensors")
     assert "model.safetensors is a symbolic link" in verify_checkpoint(_ck(run, 10))

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .._files import atomic_write, atomic_write_text, file_sha256, fsync_dir
-from ..errors import CheckpointWriteError, NonFiniteError, excerpt
+from ..errors import CheckpointError, CheckpointWriteError, NonFiniteError, excerpt
 from .native import save_model
 from .safe_pickle import check_torch_zip
 
@@ -155,6 +155,9 @@ def save_checkpoint(run_dir, step: int, model, ema_state_dict, train_state: dict
     ck_root = run_dir / "checkpoints"
     name = checkpoint_name(step)
     final = ck_root / name
+    if final.is_symlink():
+        raise CheckpointError(f"{str(final)!r} is a symbolic link: a checkpoint is never written or read through a "
+                              "link. Delete it and resume")
     if os.path.lexists(final):
         return final
     tmp = ck_root / f".tmp-{name}-{os.getpid()}"
