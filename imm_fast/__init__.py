@@ -16,7 +16,7 @@ _LAZY = {
     "train": ("imm_fast.training", "train"),
     "sample": ("imm_fast.sampling", "sample"),
     "mmd_loss": ("imm_fast.ops.mmd", "mmd_loss"),
-    "load_official": ("imm_fast.checkpoint", "load_official"),
+    "load_official": ("imm_fast.checkpoints", "load_official"),
     "build_model": ("imm_fast.models", "build_model"),
     "evaluate": ("imm_fast.evaluation", "evaluate"),
     "ModelConfig": ("imm_fast.config", "ModelConfig"),

@@ -86,7 +86,7 @@ def _cmd_sample(args):
 
     import torch
 
-    from .checkpoint import load_official
+    from .checkpoints import load_official
     from .sampling import sample
     from ._files import save_png
 
@@ -108,7 +108,7 @@ def _cmd_sample(args):
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{str(out)!r} exists; pass --overwrite or choose another --out")
-    model = load_official(args.checkpoint, device=args.device)
+    model = load_official(args.checkpoint, device=args.device, trust_unverified=args.trust_unverified)
     g = torch.Generator().manual_seed(args.seed)
     shape = (args.num, model.img_channels, model.img_resolution, model.img_resolution)
     noise = torch.randn(shape, generator=g) * model.sigma_data
@@ -162,8 +162,12 @@ def _cmd_eval(args):
     evaluate(args.checkpoint, args.ref, num=args.num, steps=steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
              grid=grid, batch=args.batch, seed=args.seed, inception=args.inception, vae=args.vae, device=args.device,
              save_npz=args.save_npz, shard_size=args.shard_size, out_dir=args.out_dir,
-             ref_resolution=args.ref_resolution, keep_cache=args.keep_cache, progress=not args.no_progress)
+             ref_resolution=args.ref_resolution, keep_cache=args.keep_cache, progress=not args.no_progress,
+             trust_unverified=args.trust_unverified)
     return 0
+
+
+_TRUST_HELP = "use a training checkpoint that has no manifest.json (its files cannot be verified)"
 
 
 def build_parser():
@@ -205,6 +209,7 @@ def build_parser():
     s.add_argument("--vae", help="decode latents with this local AutoencoderKL folder")
     s.add_argument("--out", default="samples.png")
     s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--trust-unverified", action="store_true", help=_TRUST_HELP)
     s.set_defaults(fn=_cmd_sample)
     v = sub.add_parser("eval", help="FID and IS of a checkpoint against reference statistics (torchrun-shardable)")
     v.add_argument("checkpoint", nargs="?", help="run folder, checkpoint folder, .safetensors or an authors' .pkl")
@@ -230,6 +235,7 @@ def build_parser():
     v.add_argument("--out-dir", help="where eval-<time>.json goes (default: beside the checkpoint)")
     v.add_argument("--keep-cache", action="store_true", help="keep the finished shards (eval-cache/)")
     v.add_argument("--no-progress", action="store_true")
+    v.add_argument("--trust-unverified", action="store_true", help=_TRUST_HELP)
     v.set_defaults(fn=_cmd_eval)
     return p
 

@@ -484,6 +484,8 @@ class TrainConfig:
     log_every: int = spec(10, ge=1)   # steps between metrics lines (loss averaged over them)
     sample_every: int = spec(0, ge=0)  # steps between sample grids (0 = only at the end)
     ckpt_every: int = spec(0, ge=0)   # steps between checkpoints (0 = only at the end)
+    keep_last: int = spec(0, ge=0)    # retention: keep the newest N checkpoints, delete older ones (0 = keep all)
+    keep_every: int = spec(0, ge=0)   # retention: also keep checkpoints at steps that are multiples of this (0 = none)
     eval_every: int = spec(0, ge=0)   # steps between metric evaluations (0 = only at the end)
     eval_samples: int = spec(1000, ge=1)  # samples per step count for the final metrics
     eval_steps: Tuple[int, ...] = spec((1, 2, 4, 8), ge=1, min_len=1)  # step counts evaluated
@@ -554,7 +556,8 @@ def _cifar10_preset() -> TrainConfig:
         # grid is the middle eta 1.4: `python -m imm_fast sample RUN --steps 2 --grid 1.4`, or grid=(1.4,) in code.
         sample=SampleConfig(steps=(1, 2), grid="uniform", cfg_scale=None, num_images=64),
         batch_size=4096, max_steps=400_000, lr=1e-4, optimizer="radam", betas=(0.9, 0.999), weight_decay=0.0,
-        ema_decay=0.9999, sample_every=5000, ckpt_every=10_000, eval_samples=50_000, eval_steps=(1, 2))
+        ema_decay=0.9999, sample_every=5000, ckpt_every=10_000, keep_last=3, keep_every=100_000, eval_samples=50_000,
+        eval_steps=(1, 2))
 
 
 def _cifar10_dit_preset() -> TrainConfig:
@@ -567,7 +570,7 @@ def _cifar10_dit_preset() -> TrainConfig:
         data=DataConfig(source="cifar10", path="data/cifar-10-batches-py", class_conditional=False, hflip=True),
         sample=SampleConfig(steps=(1, 2, 4, 8), cfg_scale=None, num_images=64),
         batch_size=4096, max_steps=400_000, lr=1e-4, ema_decay=0.9999, sample_every=5000, ckpt_every=10_000,
-        eval_samples=50_000)
+        keep_last=3, keep_every=100_000, eval_samples=50_000)
 
 
 def _imagenet_preset(size: str) -> TrainConfig:
@@ -580,7 +583,7 @@ def _imagenet_preset(size: str) -> TrainConfig:
         data=DataConfig(source="latents", path="data/imagenet256-latents"),
         sample=SampleConfig(steps=(1, 2, 4, 8), cfg_scale=1.5, num_images=64),
         batch_size=4096, max_steps=1_000_000, lr=1e-4, optimizer="adamw", ema_decay=0.9999, sample_every=5000,
-        ckpt_every=10_000, eval_samples=50_000)
+        ckpt_every=10_000, keep_last=2, keep_every=250_000, eval_samples=50_000)
 
 
 PRESETS = {

@@ -14,7 +14,6 @@ Shapes: N samples, C channels, R side; images are stored NCHW.
 """
 from __future__ import annotations
 
-import pickle
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,19 +149,6 @@ def load_digits_arrays(split="train"):
     return x, y
 
 
-class _NumpyUnpickler(pickle.Unpickler):
-    """Reads the CIFAR-10 python batches (dicts of numpy arrays and lists) without allowing arbitrary globals."""
-
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
-
-    def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch file")
-
-
 def load_cifar10(path, split="train"):
     """(uint8 (N, 3, 32, 32), labels (N,)) from the `cifar-10-batches-py` folder (data_batch_1..5, test_batch)."""
     root = Path(path)
@@ -178,7 +164,9 @@ def load_cifar10(path, split="train"):
             raise FileNotFoundError(f"CIFAR-10 batch file {str(f)!r} is missing (data.path={str(path)!r})")
         with open(f, "rb") as fh:
             try:
-                d = _NumpyUnpickler(fh, encoding="bytes").load()
+                from .checkpoints.safe_pickle import numpy_array_globals, restricted_load
+
+                d = restricted_load(fh, f, numpy_array_globals(), "a CIFAR-10 batch file", encoding="bytes")
             except Exception as e:
                 raise ValueError(f"could not read CIFAR-10 batch {str(f)!r}: {e}") from e
         xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))

@@ -6,6 +6,9 @@ builtin a caller would expect (ValueError, TypeError), so `except ValueError` ke
 """
 from __future__ import annotations
 
+import pickle
+import reprlib
+
 
 class UserError(Exception):
     """Base of the errors a user fixes by changing their input, not the code."""
@@ -25,3 +28,31 @@ class CheckpointError(UserError, ValueError):
 
 class DataError(UserError, ValueError):
     """A dataset file that cannot be read; the message names the file."""
+
+
+class UnsafeCheckpointError(CheckpointError, pickle.UnpicklingError):
+    """A pickle asks for something that is not on the allow-list (it could run code), or its object graph is a bomb
+    (shared references that expand past the caps, nesting past the depth cap)."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (disk full, quota, I/O error); the message names the path and the space
+    it needs. The previous checkpoint is intact and the temporaries are removed."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """Training met non-finite values it must not keep (weights, or too many non-finite steps in a row)."""
+
+
+class RunFolderBusyError(UserError, ValueError):
+    """Another live process holds the run folder's lock."""
+
+
+def excerpt(value, limit: int = 60) -> str:
+    """A bounded repr of a value a user or a file supplied (reprlib: long strings, lists and nesting are cut), so
+    an error message never carries a file's content or a huge value whole."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = r.maxlong = limit
+    r.maxlevel = 3
+    text = r.repr(value[:limit + 1] if isinstance(value, (str, bytes)) else value)
+    return text if len(text) <= limit + 5 else text[:limit] + "..."

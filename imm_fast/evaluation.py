@@ -458,21 +458,12 @@ def write_adm_npz(path, cache, num, shard_size):
 # ----------------------------------------------------------------------------------------------------------------
 # evaluate()
 # ----------------------------------------------------------------------------------------------------------------
-def checkpoint_file(path):
-    """The file load_official reads for `path` (run folder -> latest checkpoint -> ema/model.safetensors)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint={str(path)!r} does not exist")
-    if p.is_dir():
-        for latest in (p / "latest", p / "checkpoints" / "latest"):
-            if latest.is_file():
-                p = latest.parent / latest.read_text().strip()
-                break
-        for name in ("ema.safetensors", "model.safetensors"):
-            if (p / name).is_file():
-                return p / name
-        raise ValueError(f"checkpoint={str(path)!r} is a folder without ema.safetensors or model.safetensors")
-    return p
+def checkpoint_file(path, trust_unverified=False):
+    """The weights file load_official reads for `path` (imm_fast.checkpoints.resolve_weights, the one resolver:
+    hf:// addresses, run folders with or without `latest`, checkpoint folders, files)."""
+    from .checkpoints import resolve_weights
+
+    return resolve_weights(path, trust_unverified)
 
 
 def _check_args(num, steps, batch, shard_size, seed, sampler):
@@ -503,7 +494,7 @@ def format_table(result) -> str:
 def evaluate(checkpoint, ref, num=50000, steps=(1, 2, 4, 8), cfg_scale=None, sampler="pushforward",
              grid="uniform", batch=64, seed=0, inception=None, vae=None, device=None, save_npz=False,
              shard_size=1000, is_splits=10, out_dir=None, ref_resolution=None, keep_cache=False, progress=True,
-             verbose=True):
+             verbose=True, trust_unverified=False):
     """FID and IS of a checkpoint's samples against a reference, per step count; see the module docstring.
 
     checkpoint: a run folder, a checkpoint folder, an imm_fast .safetensors or an authors' .pkl (load_official).
@@ -511,10 +502,12 @@ def evaluate(checkpoint, ref, num=50000, steps=(1, 2, 4, 8), cfg_scale=None, sam
     grid: "uniform", "edm" or a list of middle eta values (then steps is len(list) + 1).
     inception: the weights file, "download", or None ($IMM_FAST_INCEPTION / the torch hub cache).
     vae: a local AutoencoderKL folder for latent models. save_npz: also write ADM's sample-batch .npz per step.
-    Returns the dict written to <out_dir>/eval-<time>.json (out_dir default: the checkpoint's folder); every rank
-    returns it, rank 0 writes it and prints the table.
+    trust_unverified: accept a training checkpoint without its manifest (see imm_fast.checkpoints).
+    Returns the dict written to <out_dir>/eval-<time>.json (out_dir default: the checkpoint's folder, the current
+    folder for an hf:// checkpoint, never the Hub cache); every rank returns it, rank 0 writes it and prints the
+    table.
     """
-    from .checkpoint import load_official
+    from .checkpoints import load_official
 
     t_start = time.perf_counter()
     if not isinstance(grid, str):
@@ -526,11 +519,13 @@ def evaluate(checkpoint, ref, num=50000, steps=(1, 2, 4, 8), cfg_scale=None, sam
         raise ValueError(f"is_splits must be a positive int, got {is_splits!r}")
     rank, world = _init_world()
     dev = _device(device)
-    ck_file = checkpoint_file(checkpoint)
-    out = Path(out_dir) if out_dir is not None else ck_file.parent
+    ck_file = checkpoint_file(checkpoint, trust_unverified)  # resolved once: the record names what is loaded
+    from .hub import is_hub_path
+
+    out = Path(out_dir) if out_dir is not None else Path.cwd() if is_hub_path(checkpoint) else ck_file.parent
     net, weights = load_inception(inception, dev)  # first: a missing file fails before any sampling
     inception = str(weights)
-    model = load_official(checkpoint, device=dev)
+    model = load_official(ck_file, device=dev)
     if model.img_channels not in (1, 3) and vae is None:
         raise ValueError(f"{str(checkpoint)!r} is a latent model ({model.img_channels} channels): pass vae (--vae, a "
                          "local AutoencoderKL folder such as sd-vae-ft-ema) to decode its samples")

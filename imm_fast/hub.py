@@ -3,15 +3,21 @@
 The authors publish their three released checkpoints in the Hub model repository `lumaai/imm`
 (RELEASED lists them). `resolve(path)` turns an hf:// address into a local file through huggingface_hub's own
 download-and-cache (so HF_HOME / HF_HUB_CACHE, local cache hits and HF_HUB_OFFLINE=1 behave as in every other
-Hub client); any other path is returned unchanged. The file is then read like a local one (for pickles: the
-restricted unpickler of imm_fast.checkpoint, never the stored code). huggingface_hub is an optional extra
+Hub client); any other path is returned unchanged. When HF_HUB_OFFLINE is not set but the Hub's host does not
+answer (a machine without network), the cache is read at once instead of waiting through huggingface_hub's
+retries. `upload_checkpoint` stages one checkpoint's EMA weights, its config and a model card and uploads them.
+This module sits below the checkpoint loader: it resolves and uploads files and never reads a checkpoint
+(imm_fast.checkpoints.push_to_hub chooses what to upload). huggingface_hub is an optional extra
 (`pip install 'imm_fast[hub]'`).
 """
 from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 SCHEME = "hf://"
 OFFICIAL_REPO = "lumaai/imm"
@@ -43,6 +49,30 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def unreachable(endpoint: str, timeout: float = 3.0) -> "str | None":
+    """None when the Hub's host accepts a connection (or a proxy is configured: then the Hub client decides),
+    else why not, in a few words. One connection attempt of at most `timeout` s, instead of the client's retries."""
+    if any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    url = urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    why = {}
+
+    def probe():  # in a thread: a name lookup can hang past any socket timeout
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as e:
+            why["reason"] = f"{host} did not answer: {e.strerror or type(e).__name__}"
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 1)
+    return f"{host} did not answer within {timeout:g} s" if t.is_alive() else why.get("reason")
+
+
 def resolve(path):
     """A local file for `path`: hf:// addresses are downloaded (or found in the Hub cache); others pass through."""
     if not is_hub_path(path):
@@ -50,20 +80,24 @@ def resolve(path):
     repo_id, filename, revision = parse(path)
     try:
         import huggingface_hub
+        from huggingface_hub import constants as hub_constants
         from huggingface_hub import errors as hub_errors
     except ImportError:
         raise ImportError(f"reading {path!r} needs huggingface_hub: pip install 'imm_fast[hub]' (or "
                           "pip install huggingface_hub), or download the file and pass its local path") from None
+    why = None if _offline() else unreachable(hub_constants.ENDPOINT)
     try:
-        return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision, local_files_only=_offline())
+        return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision,
+                                               local_files_only=_offline() or why is not None)
     except hub_errors.LocalEntryNotFoundError:
-        how = "HF_HUB_OFFLINE is set" if _offline() else "the Hub could not be reached"
+        how = "HF_HUB_OFFLINE is set" if _offline() else f"the Hub could not be reached ({why or 'no answer'})"
+        rev = f" --revision {revision}" if revision else ""
         raise FileNotFoundError(f"{path!r} is not in the local Hugging Face cache and {how}: run once with network "
-                                f"access (or `huggingface-cli download {repo_id} {filename}`), or pass a local path"
+                                f"access (or `hf download {repo_id} {filename}{rev}`), or pass a local path"
                                 ) from None
     except hub_errors.RepositoryNotFoundError:
         raise FileNotFoundError(f"{path!r}: no Hub repository {repo_id!r} (or it is private: log in with "
-                                "`huggingface-cli login`)") from None
+                                "`hf auth login`)") from None
     except (hub_errors.EntryNotFoundError, hub_errors.RevisionNotFoundError) as e:
         raise FileNotFoundError(f"{path!r}: {type(e).__name__}: {filename!r} at revision {revision or 'main'} of "
                                 f"{repo_id!r} does not exist") from None
@@ -100,48 +134,36 @@ def model_card(repo_id: str, config: dict, metrics: dict, step: int) -> str:
         "`config.json` holds the full training config.", "",
     ]
     if rows:
-        lines += ["## Metrics at the end of training", "", "| metric | value |", "|---|---|", *rows, ""]
+        lines += [f"## Metrics at step {step}", "", "| metric | value |", "|---|---|", *rows, ""]
     if nested:
         lines += ["```json", json.dumps(nested, indent=1), "```", ""]
     return "\n".join(lines)
 
 
-def push_to_hub(run, repo_id: str, *, private: bool = False, token=None, commit_message=None) -> str:
-    """Upload a run's EMA weights (`ema.safetensors`), its config and a model card to the Hub repo `repo_id`.
+def check_repo_id(repo_id):
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id={repo_id!r} must look like '<owner>/<name>'")
 
-    run: a run folder or a checkpoint folder (the newest verified checkpoint of a run is used). Returns the
-    commit URL. The uploaded file loads back with load_official("hf://<repo_id>/ema.safetensors").
-    """
+
+def upload_checkpoint(repo_id: str, weights, config: dict, metrics: dict, step: int, *, private: bool = False,
+                      token=None, commit_message=None) -> str:
+    """Upload `weights` (an EMA safetensors file) as ema.safetensors, `config` as config.json and a model card of
+    `metrics` at `step` to the Hub repo `repo_id`; returns the commit URL."""
     import shutil
     import tempfile
 
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
-        raise ValueError(f"repo_id={repo_id!r} must look like '<owner>/<name>'")
+    check_repo_id(repo_id)
     try:
         from huggingface_hub import HfApi
     except ImportError:
         raise ImportError("push_to_hub needs huggingface_hub: pip install 'imm_fast[hub]'") from None
-    ck = _checkpoint_folder(run)
-    config = json.loads((ck / "config.json").read_text())
-    final = ck.parent.parent / "final_metrics.json"
-    metrics = json.loads(final.read_text()) if final.is_file() else {}
-    step = int(ck.name.rsplit("-", 1)[-1]) if ck.name.rsplit("-", 1)[-1].isdigit() else 0
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="imm_fast-push-") as stage:
         stage = Path(stage)
-        shutil.copy2(ck / "ema.safetensors", stage / "ema.safetensors")
+        shutil.copy2(weights, stage / "ema.safetensors")
         (stage / "config.json").write_text(json.dumps(config, indent=1))
         (stage / "README.md").write_text(model_card(repo_id, config, metrics, step))
         info = api.upload_folder(repo_id=repo_id, folder_path=str(stage),
                                  commit_message=commit_message or f"imm_fast: EMA weights at step {step}")
     return str(getattr(info, "commit_url", info))
-
-
-def _checkpoint_folder(run) -> Path:
-    from .checkpoint import find_checkpoint
-
-    ck = find_checkpoint(run)  # the newest complete, verified checkpoint
-    if not (ck / "ema.safetensors").is_file():
-        raise FileNotFoundError(f"{str(ck)!r} has no ema.safetensors")
-    return ck

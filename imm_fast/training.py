@@ -12,7 +12,7 @@ A run folder <out_dir>/<run_name>/ holds:
 
 `train` reads top to bottom: _setup (checks, the run folder under its lock, model, EMA, optimizer, generators,
 resume), then per step _train_step (one optimizer step, or a skipped one), _update_ema, _log, and _checkpoint /
-_sample / _evaluate when due. Checkpoint files, the one `latest` resolver and the lock live in imm_fast.checkpoint.
+_sample / _evaluate when due. Checkpoint files, the one `latest` resolver and the lock live in imm_fast.checkpoints.
 
 A long run never lies: a step whose loss or global grad norm is non-finite (or whose groups imm_loss all masked)
 is skipped (optimizer, EMA and lr schedule untouched; one device-to-host sync per step decides it) and counted; after cfg.max_nonfinite_steps skips in
@@ -48,9 +48,9 @@ import torch
 
 from ._backend import reference_loss_backend, resolve_fused
 from ._files import atomic_write_text, image_grid, write_png
-from .checkpoint import (CKPT_PREFIX, NonFiniteError, RunLock, _nonfinite_entries, find_checkpoint, list_checkpoints,
-                         read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
-                         verify_checkpoint)
+from .checkpoints import (CKPT_PREFIX, NonFiniteError, RunLock, find_checkpoint, list_checkpoints, nonfinite_entries,
+                          read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
+                          verify_checkpoint)
 from .config import LossConfig, TrainConfig, config_to_dict, load_train_config, read_config_file
 
 
@@ -124,7 +124,7 @@ def _barrier(d: _Dist):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Training state (its files: imm_fast.checkpoint)
+# Training state (its files: imm_fast.checkpoints)
 # ----------------------------------------------------------------------------------------------------------------
 def _rng_state():
     # Only tensors, ints, floats, strings and tuples: train_state.pt loads with torch.load(weights_only=True).
@@ -329,12 +329,13 @@ class _Run:
 def _resolve(cfg, overrides) -> TrainConfig:
     overrides = dict(overrides)
     if cfg is None and overrides.get("resume"):
-        # Continue the saved run with its own config (overrides such as max_steps still apply). Sizes only here:
-        # the checkpoint is verified in full (sha256) under the run lock, so a busy run folder fails at once.
-        ck = find_checkpoint(overrides["resume"], explain=False, full=False)
+        # Continue the saved run with its own config (overrides such as max_steps still apply), read from the
+        # checkpoint verified in full, and pin resume to it: config and weights come from the same checkpoint.
+        RunLock(run_folder_of(overrides["resume"])).check_free()  # a busy run folder fails before any hashing
+        ck = find_checkpoint(overrides["resume"], explain=os.environ.get("RANK", "0") == "0")
         saved = read_config_file(ck / "config.json")
         saved.pop("resume", None)
-        return load_train_config(saved, overrides, source=ck / "config.json")
+        return load_train_config(saved, {**overrides, "resume": str(ck)}, source=ck / "config.json")
     return load_train_config(cfg, overrides)
 
 
@@ -616,7 +617,7 @@ def _log(run: _Run, lr: float, decay: float):
 # ----------------------------------------------------------------------------------------------------------------
 def _checkpoint(run: _Run):
     """checkpoints/step-<step>/ (rank 0 writes). Every rank first checks the weights, so all stop together."""
-    bad = _nonfinite_entries(run.model.state_dict()) + _nonfinite_entries(run.ema.state_dict())
+    bad = nonfinite_entries(run.model.state_dict(), run.ema.state_dict())  # the one check of these weights
     if bad:
         raise NonFiniteError(f"refusing to write the checkpoint of step {run.step}: the weights hold NaN or inf "
                              f"({', '.join(bad[:4])}); {_last_good(run)}; {_CAUSES}")
@@ -626,7 +627,8 @@ def _checkpoint(run: _Run):
              "generators": {k: g.get_state() for k, g in run.gens.items()}, "sampler": run.sampler.state_dict(),
              "torch_version": str(torch.__version__)}
     run.last_ck = save_checkpoint(run.run_dir, run.step, run.model, run.ema.state_dict(), state,
-                                  config_to_dict(run.cfg))
+                                  config_to_dict(run.cfg), keep_last=run.cfg.keep_last,
+                                  keep_every=run.cfg.keep_every, check_finite=False)
 
 
 def _sample(run: _Run):

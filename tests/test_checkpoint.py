@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import imm_fast
-from imm_fast.checkpoint import UnsafeCheckpointError, save_model
+from imm_fast.checkpoints import UnsafeCheckpointError, save_model
 
 from _helpers import random_model as _random_model
 from _official_format import write_official_pickle
@@ -149,7 +149,7 @@ def test_save_model_needs_an_imm_model(tmp_path):
 # Training-state checkpoints: manifest, verification, the one `latest` resolver
 # --------------------------------------------------------------------------------------------------------------
 def test_training_checkpoints_resolve_to_the_newest_that_verifies(tmp_path, capsys):
-    from imm_fast.checkpoint import find_checkpoint, resolve_checkpoint, save_checkpoint, verify_checkpoint
+    from imm_fast.checkpoints import find_checkpoint, resolve_checkpoint, save_checkpoint, verify_checkpoint
 
     m = random_model()
     for step in (1, 2, 3):
@@ -173,12 +173,15 @@ def test_training_checkpoints_resolve_to_the_newest_that_verifies(tmp_path, caps
     assert "step-0000003 failed verification" in capsys.readouterr().err
     with pytest.raises(ValueError, match="corrupt"):
         find_checkpoint(root / "step-0000003")  # named explicitly: an error, no silent fallback
-    (root / "step-0000002" / "manifest.json").unlink()  # before manifests existed: accepted
-    assert verify_checkpoint(root / "step-0000002") is None
+    (root / "step-0000002" / "manifest.json").unlink()  # unverifiable: accepted only when the caller opts in
+    assert "has no manifest.json" in verify_checkpoint(root / "step-0000002")
+    assert verify_checkpoint(root / "step-0000002", trust_unverified=True) is None
     (root / "step-0000001" / "config.json").unlink()
     assert "missing config.json" in verify_checkpoint(root / "step-0000001")
+    with pytest.raises(ValueError, match="step-0000002 failed verification: has no manifest.json"):
+        imm_fast.load_official(tmp_path)
 
-    loaded = imm_fast.load_official(tmp_path)  # load_official uses the same resolver
+    loaded = imm_fast.load_official(tmp_path, trust_unverified=True)  # load_official uses the same resolver
     same_outputs(m, loaded)
     for bad in ("../x/step-0000001", str(root / "step-0000001"), "latest", ""):
         (root / "latest").write_text(bad + "\n")

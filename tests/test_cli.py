@@ -126,7 +126,7 @@ def test_config_typo_is_one_line_and_exit_2(tmp_path, capsys, override, words):
 
 def test_user_errors_are_one_line_and_bugs_keep_their_traceback(tmp_path, capsys, monkeypatch):
     from _helpers import random_model
-    from imm_fast.checkpoint import save_model
+    from imm_fast.checkpoints import save_model
 
     assert main(["sample", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in _one_error_line(capsys)

@@ -186,7 +186,7 @@ def test_missing_weights_give_a_clear_error(monkeypatch, tmp_path):
         load_inception(str(bad))
     # the command line: one line, exit 2, before anything is sampled
     from imm_fast.__main__ import main
-    from imm_fast.checkpoint import save_model
+    from imm_fast.checkpoints import save_model
 
     save_model(tmp_path / "m.safetensors", random_model(**TINY))
     err = subprocess.run([sys.executable, "-m", "imm_fast", "eval", str(tmp_path / "m.safetensors"), "--ref",
@@ -256,7 +256,7 @@ def test_adm_center_crop_and_dataset_sources(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
-    from imm_fast.checkpoint import save_model
+    from imm_fast.checkpoints import save_model
 
     torch.manual_seed(3)
     path = tmp_path_factory.mktemp("model") / "ema.safetensors"
@@ -266,7 +266,7 @@ def model_file(tmp_path_factory):
 
 @pytest.mark.parametrize("sampler", ["pushforward", "restart"])
 def test_samples_do_not_depend_on_the_batch(model_file, sampler):
-    from imm_fast.checkpoint import load_official
+    from imm_fast.checkpoints import load_official
 
     model = load_official(model_file)
     one, labels = E.generate(model, np.arange(5), 3, sampler, seed=11)
@@ -279,7 +279,7 @@ def test_samples_do_not_depend_on_the_batch(model_file, sampler):
 
 
 def test_resumed_shards_equal_uninterrupted_ones(model_file, tmp_path):
-    from imm_fast.checkpoint import load_official
+    from imm_fast.checkpoints import load_official
 
     model = load_official(model_file)
     args = (7, 2, "pushforward", "uniform", None, 5, None)
@@ -312,7 +312,7 @@ print("FID", r["results"]["2"]["fid"])
 def test_two_gloo_ranks_make_the_images_of_one_process(model_file, weights, tmp_path):
     """torchrun with 2 gloo ranks: shards 0, 2 on rank 0 and 1 on rank 1, gathered into ADM's npz layout that equals
     one process's images; the FID is the Frechet distance of the gathered features (independent implementation)."""
-    from imm_fast.checkpoint import load_official
+    from imm_fast.checkpoints import load_official
 
     rng = np.random.RandomState(1)
     mu, f = rng.randn(2048) * 0.1, rng.randn(30, 2048) * 0.1
@@ -347,7 +347,7 @@ def test_evaluate_end_to_end(model_file, weights, tmp_path, capsys):
     the reference statistics equal the samples' and FID(X, X) ~ 0; the json holds settings, hashes and metrics.
     (FID > 0 against other statistics: the gloo test; resuming: run_shards. Each FID is a 2048x2048 sqrtm, slow on
     a small CPU, so this test computes one.)"""
-    from imm_fast.checkpoint import load_official
+    from imm_fast.checkpoints import load_official
     from imm_fast._files import file_sha256
 
     model = load_official(model_file)
@@ -381,7 +381,7 @@ def test_evaluate_end_to_end(model_file, weights, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_train_time_fid(model_file, weights, tmp_path):
-    from imm_fast.checkpoint import load_official
+    from imm_fast.checkpoints import load_official
     from imm_fast.config import TrainConfig, DataConfig
 
     model = load_official(model_file).train()  # the loop's EMA may be in train mode: it is restored after

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import imm_fast
-from imm_fast.checkpoint import MODEL_CAPS, ZIP_EXPANSION, save_model
+from imm_fast.checkpoints import MODEL_CAPS, ZIP_EXPANSION, save_model
 from imm_fast.errors import CheckpointError, ConfigError, DataError
 
 from _helpers import random_model

@@ -23,7 +23,7 @@ pytest.importorskip("sklearn")
 import imm_fast  # noqa: E402
 from imm_fast import training  # noqa: E402
 from imm_fast._files import atomic_write_text  # noqa: E402
-from imm_fast.checkpoint import (NonFiniteError, RunFolderBusyError, RunLock, save_checkpoint,  # noqa: E402
+from imm_fast.checkpoints import (NonFiniteError, RunFolderBusyError, RunLock, save_checkpoint,  # noqa: E402
                                  verify_checkpoint)
 from imm_fast.config import LossConfig, TrainConfig  # noqa: E402
 from imm_fast.loss import imm_loss  # noqa: E402

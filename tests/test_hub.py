@@ -1,6 +1,7 @@
 """hf:// checkpoints: resolved through huggingface_hub's cache, offline mode honoured, clear errors. No network:
 the Hub cache is laid out in the test exactly as huggingface_hub writes it (refs/main -> snapshots/<commit>/file)."""
 import os
+import time
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 import imm_fast
 from imm_fast import hub
+from imm_fast.checkpoints import push_to_hub
 from _helpers import random_model
 from _official_format import write_official_pickle
 
@@ -112,14 +114,14 @@ def test_push_to_hub_stages_ema_config_and_card_that_load_back(tmp_path, monkeyp
 
     monkeypatch.setattr(hf.HfApi, "create_repo", lambda self, repo_id, private, exist_ok: None)
     monkeypatch.setattr(hf.HfApi, "upload_folder", upload_folder)
-    url = hub.push_to_hub(r.run_dir, "me/digits-imm")
+    url = push_to_hub(r.run_dir, "me/digits-imm")
     assert url.endswith("/commit/1") and staged["_args"] == ("me/digits-imm", "imm_fast: EMA weights at step 2")
     assert set(staged) == {"ema.safetensors", "config.json", "README.md", "_args"}
     card = staged["README.md"].decode()
     assert card.startswith("---\nlibrary_name: imm_fast") and 'load_official("hf://me/digits-imm/ema.safetensors")' in card
     assert json.loads(staged["config.json"])["max_steps"] == 2
     with pytest.raises(ValueError, match="repo_id"):
-        hub.push_to_hub(r.run_dir, "no-owner")
+        push_to_hub(r.run_dir, "no-owner")
 
     cache = tmp_path / "hub"  # serve the staged weights from a Hub cache, as a user downloading them would
     snap = cache / "models--me--digits-imm" / "snapshots" / COMMIT
@@ -133,3 +135,46 @@ def test_push_to_hub_stages_ema_config_and_card_that_load_back(tmp_path, monkeyp
     local = imm_fast.load_official(r.run_dir)
     for a, b in zip(pulled.state_dict().values(), local.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_without_network_the_cache_is_read_at_once_and_the_hint_is_current(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE unset, no network: no 32 s of retries (one connection attempt), a cached file loads, and
+    a miss names today's command (`hf download`)."""
+    cache, m = _cache_with(tmp_path, monkeypatch)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in hub._PROXY_VARS:
+        monkeypatch.delenv(var, raising=False)
+    attempts = []
+
+    def no_network(address, timeout=None, *a, **k):
+        attempts.append(address)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(hub.socket, "create_connection", no_network)
+    t0 = time.perf_counter()
+    assert imm_fast.load_official("hf://lumaai/imm/tiny.pkl").label_dim == 6
+    with pytest.raises(FileNotFoundError) as info:
+        imm_fast.load_official("hf://lumaai/imm/cifar10.pkl")
+    assert time.perf_counter() - t0 < 5 and len(attempts) == 2
+    msg = str(info.value)
+    assert "`hf download lumaai/imm cifar10.pkl`" in msg and "huggingface-cli" not in msg
+    assert "Network is unreachable" in msg
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # behind a proxy the Hub client decides
+    assert hub.unreachable("https://huggingface.co") is None
+
+
+def test_eval_resolves_hub_paths_like_sample(tmp_path, monkeypatch, capsys):
+    from imm_fast import evaluation as E
+    from imm_fast.__main__ import main
+
+    cache, _ = _cache_with(tmp_path, monkeypatch, channels=3)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cached = cache / "models--lumaai--imm" / "snapshots" / COMMIT / "tiny.pkl"
+    assert E.checkpoint_file("hf://lumaai/imm/tiny.pkl") == cached
+    # The CLI gets past the checkpoint (it said "does not exist") to the next missing input, the Inception weights.
+    code = main(["eval", "hf://lumaai/imm/tiny.pkl", "--ref", str(tmp_path / "ref.npz"), "--num", "2",
+                 "--inception", str(tmp_path / "no-inception.pth"), "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no-inception.pth" in err and "does not exist" not in err.split("no-inception")[0]

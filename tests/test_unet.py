@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import imm_fast
-from imm_fast.checkpoint import save_model
+from imm_fast.checkpoints import save_model
 from imm_fast.config import PRESETS, ModelConfig
 from imm_fast.models import IMM, build_model
 from imm_fast.models.unet import DhariwalUNet, SongUNet
