@@ -8,7 +8,7 @@
 4. Exactly one module names a checkpoint folder's `latest` pointer file (so one module reads it).
 
 Each checker is a plain function over source text; the self-tests feed it synthetic sources and see it fail.
-`python tests/test_layout.py` prints every violation in the working tree at once (exit 1 when there are any).
+`python tests/test_layout.py [ROOT]` prints every violation in this checkout (or ROOT's) at once (exit 1 if any).
 """
 from __future__ import annotations
 
@@ -332,8 +332,9 @@ def phrase_hits(texts: list) -> list:
     return sorted(hits)
 
 
-def phrase_violations(modules: dict = None, csrc: Path = CSRC) -> list:
+def phrase_violations(modules: dict = None, csrc: Path = None) -> list:
     modules = package_modules() if modules is None else modules
+    csrc = CSRC if csrc is None else csrc
     out = []
     for path in sorted(modules.values(), key=_rel):
         for line, kind, words in phrase_hits(doc_texts(path.read_text())):
@@ -523,9 +524,15 @@ def test_self_latest_read_in_two_modules_fails():
     assert latest_readers(via_constant)["p.tr"] == [(1, "imports LATEST")]
 
 
-def main() -> int:
+def main(argv: list) -> int:
+    """Print every violation; argv[1], when given, is another checkout's root to check instead of this one."""
+    global ROOT, PACKAGE_DIRS, CSRC
+    if len(argv) > 1:
+        ROOT = Path(argv[1]).resolve()
+        PACKAGE_DIRS = {"imm_fast": ROOT / "imm_fast", "imm_fast.kernels": ROOT / "kernels"}
+        CSRC = ROOT / "csrc"
     sections = [("functions over 60 lines", function_length_violations()), ("import circles", cycle_violations()),
-                ("spec citations / 'the one X'", phrase_violations()), ("`latest` readers", latest_violations())]
+                ("spec citations / 'the one X'", phrase_violations()), ("modules naming the `latest` pointer (must be one)", latest_violations())]
     total = 0
     for title, items in sections:
         print(f"== {title}: {len(items)}")
@@ -536,4 +543,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv))
