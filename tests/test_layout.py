@@ -532,7 +532,8 @@ def main(argv: list) -> int:
         PACKAGE_DIRS = {"imm_fast": ROOT / "imm_fast", "imm_fast.kernels": ROOT / "kernels"}
         CSRC = ROOT / "csrc"
     sections = [("functions over 60 lines", function_length_violations()), ("import circles", cycle_violations()),
-                ("spec citations / 'the one X'", phrase_violations()), ("modules naming the `latest` pointer (must be one)", latest_violations())]
+                ("spec citations / 'the one X'", phrase_violations()),
+                ("more or less than one module naming the `latest` pointer", latest_violations())]
     total = 0
     for title, items in sections:
         print(f"== {title}: {len(items)}")
