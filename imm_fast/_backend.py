@@ -1,4 +1,4 @@
-"""The one backend registry: which implementations each op has, and which one runs.
+"""The backend registry: which implementations each op has, and which one runs.
 
 Each op (`mmd`, `adaln`, `attention`) registers an ordered list of `Impl`s, fastest first, the pure-torch
 reference ("torch") last. An Impl states what it supports (device types, dtypes, `limits` for shapes and
@@ -295,7 +295,7 @@ def interpreter_not_auto(args: OpArgs) -> Optional[str]:
 
 
 def absent(like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """The one convention for an output that was not asked for: a (0,) tensor on like's device (like's dtype
+    """An output that was not asked for: a (0,) tensor on like's device (like's dtype
     unless given). Launchers of every backend and the fake implementations return it."""
     return like.new_empty(0, dtype=dtype)
 
@@ -310,8 +310,8 @@ def resolve_fused(fused: Optional[bool], device, reference: bool = False) -> boo
       1. reference=True (TrainConfig.reference): False; training then also sets the loss backend to "torch"
          (`reference_loss_backend`), so the whole step is the plain PyTorch path.
       2. fused=True / False (ModelConfig.fused, DiT(fused=...)): as given. The fused ops still choose their
-         backend by the one rule (argument > IMM_FAST_BACKEND > auto); on a device without kernels they run the
-         reference ops, in the fused block order.
+         backend by the same rule as every op (argument > IMM_FAST_BACKEND > auto); on a device without kernels
+         they run the reference ops, in the fused block order.
       3. fused=None and IMM_FAST_BACKEND=torch: False (the environment asks for the reference everywhere).
       4. fused=None: True on CUDA when triton is installed, else False.
     LossConfig.backend is the `backend=` argument of mmd_loss: None is auto under IMM_FAST_BACKEND.

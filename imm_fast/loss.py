@@ -1,10 +1,10 @@
-"""The IMM objective (spec section 3): one loss for a batch of B = G groups x M particles.
+"""The IMM objective (IMM paper, Sec. 4: the simplified formulation used in practice): one loss for a batch of B = G groups x M particles.
 
 Per group g one (s, r, t) shared by its M particles; per particle x_t = alpha_t x + sigma_t eps and
 x_r = alpha_r x + sigma_r eps with the same (x, eps); student y_t = f_theta(x_t, s, t) with dropped labels;
 target y_r = f_theta(x_r, s, r) under no_grad, fp32, with the RNG state restored so dropout masks match;
 loss = mean_g w(s,t) MMD2_g(y_t, y_r) with the Laplace kernel scale w~(s,t). Non-finite groups contribute 0 to the
-loss AND exactly 0 to the gradient (spec: "NaN losses become 0"; see imm_loss), and are counted.
+loss AND exactly 0 to the gradient (the authors' training drops NaN losses; see _masked_group_mmd), and are counted.
 
 Shapes: B batch, G groups, M particles, (Cin, R, R) per sample.
 """
@@ -87,6 +87,49 @@ def _set_rng_states(states, device):
         torch.cuda.set_rng_state(states["cuda"], device)
 
 
+def _group_times(G, core, cfg, generator, dev, t, s, r):
+    """(s, r, t), each (G,) float64: drawn per group, or the explicit ones a test gives."""
+    if (t is None) != (s is None) or (r is not None and t is None):
+        raise ValueError("give t and s together (and r only with them)")
+    if t is None:
+        return draw_times(G, core, cfg, generator, dev)
+    t, s = (torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(G) for v in (t, s))
+    r = sch.r_of_st(s, t, cfg.k, core.eps, core.T, core.noise_schedule) if r is None else \
+        torch.as_tensor(r, dtype=torch.float64, device=dev).reshape(G)
+    return s, r, t
+
+
+def _finite_rows(x, noise):
+    """Non-finite guard, part 1: a particle whose data or noise holds NaN/inf is replaced by zeros (its group is
+    masked later). Masking the loss alone is not enough: a NaN that entered the network reaches every weight
+    gradient through 0 * NaN in the backward of each layer. torch.where keeps finite batches bit-identical."""
+    bshape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    row_ok = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(noise).flatten(1).all(1)  # (B,)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    x = torch.where(row_ok.reshape(bshape), x, zero)
+    noise = torch.where(row_ok.reshape(bshape), noise, zero.to(noise.dtype))
+    return x, noise, row_ok
+
+
+def _masked_group_mmd(y_t, y_r, row_ok, w, scale, M, cfg):
+    """w(s,t) MMD2_g per group (G,), with part 2 of the guard: a group with bad inputs or a non-finite
+    student/target output enters the MMD as zeros, and groups whose weighted MMD is still non-finite are
+    selected away: torch.where's backward sends exactly zero to the masked entries (nan_to_num would zero the
+    loss, but 0 * NaN in the MMD backward would still reach y_t). Returns (per_group, mmd, group_ok, ok)."""
+    B = y_t.shape[0]
+    G = B // M
+    group_ok = (row_ok & torch.isfinite(y_t.detach()).all(1) & torch.isfinite(y_r).all(1)).reshape(G, M).all(1)
+    rows = group_ok.repeat_interleave(M)[:, None]  # (B, 1)
+    zero_y = torch.zeros((), dtype=y_t.dtype, device=y_t.device)
+    mmd = mmd_loss(torch.where(rows, y_t, zero_y), torch.where(rows, y_r.to(y_t.dtype), zero_y), M,
+                   scale=scale.float(), eps=cfg.kernel_eps, kernel=cfg.kernel, reduction="none",
+                   backend=cfg.backend)  # (G,)
+    contrib = w.to(mmd.dtype) * mmd  # (G,)
+    ok = group_ok & torch.isfinite(contrib)  # (G,)
+    per_group = torch.where(ok, contrib, torch.zeros((), dtype=contrib.dtype, device=contrib.device))
+    return per_group, mmd, group_ok, ok
+
+
 def imm_loss(model, x, labels=None, cfg: LossConfig = LossConfig(), *, target_model=None, generator=None,
              t=None, s=None, r=None, noise=None, drop_mask=None, diagnostics=False) -> IMMLossOutput:
     """The IMM loss of a batch x (B, Cin, R, R) with labels (ids (B,) or one-hot (B, label_dim), or None).
@@ -104,32 +147,19 @@ def imm_loss(model, x, labels=None, cfg: LossConfig = LossConfig(), *, target_mo
         raise ValueError(f"batch size {B} must be divisible by group_size M={M}")
     G = B // M
     dev = x.device
-    if (t is None) != (s is None) or (r is not None and t is None):
-        raise ValueError("give t and s together (and r only with them)")
-    if t is None:
-        s, r, t = draw_times(G, core, cfg, generator, dev)
-    else:
-        t, s = (torch.as_tensor(v, dtype=torch.float64, device=dev).reshape(G) for v in (t, s))
-        r = sch.r_of_st(s, t, cfg.k, core.eps, core.T, core.noise_schedule) if r is None else \
-            torch.as_tensor(r, dtype=torch.float64, device=dev).reshape(G)
+    s, r, t = _group_times(G, core, cfg, generator, dev, t, s, r)
     if noise is None:
         noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(dev) * core.sigma_data
     elif noise.shape != x.shape:
         raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
     if drop_mask is None and labels is not None and cfg.label_dropout > 0 and core.label_dim > 0:
         drop_mask = (torch.rand(B, generator=generator) < cfg.label_dropout).to(dev)
-    # Non-finite guard, part 1: a particle whose data or noise holds NaN/inf is replaced by zeros and its group
-    # masked below. Masking the loss alone is not enough: a NaN that entered the network reaches every weight
-    # gradient through 0 * NaN in the backward of each layer. torch.where keeps finite batches bit-identical.
-    bshape = (B,) + (1,) * (x.dim() - 1)
-    row_ok = torch.isfinite(x).flatten(1).all(1) & torch.isfinite(noise).flatten(1).all(1)  # (B,)
-    zero = torch.zeros((), dtype=x.dtype, device=dev)
-    x = torch.where(row_ok.reshape(bshape), x, zero)
-    noise = torch.where(row_ok.reshape(bshape), noise, zero.to(noise.dtype))
+    x, noise, row_ok = _finite_rows(x, noise)
     student_labels = drop_labels(labels, drop_mask, core.label_dim)
     target_labels = student_labels if cfg.target_labels == "dropped" else labels
 
     # Per-particle times: every particle of group g shares (s_g, r_g, t_g).
+    bshape = (B,) + (1,) * (x.dim() - 1)
     tp, sp, rp = (v.to(x.dtype).repeat_interleave(M) for v in (t, s, r))  # (B,)
     alpha_t, sigma_t = core.alpha_sigma(tp.reshape(bshape))
     alpha_r, sigma_r = core.alpha_sigma(rp.reshape(bshape))
@@ -144,19 +174,8 @@ def imm_loss(model, x, labels=None, cfg: LossConfig = LossConfig(), *, target_mo
 
     w = sch.weight(t, cfg.a, cfg.b, core.noise_schedule)  # (G,) float64
     scale = sch.kernel_scale(s, t, core.f_type, core.noise_schedule, core.sigma_data)  # (G,)
-    # Part 2: a group with bad inputs or a non-finite student/target output enters the MMD as zeros, and groups
-    # whose weighted MMD is still non-finite are selected away: torch.where's backward sends exactly zero to the
-    # masked entries (nan_to_num zeroed the loss, but 0 * NaN in the MMD backward still reached y_t).
     y_t, y_r = y_t.reshape(B, -1), y_r.reshape(B, -1)  # (B, D)
-    group_ok = (row_ok & torch.isfinite(y_t.detach()).all(1) & torch.isfinite(y_r).all(1)).reshape(G, M).all(1)
-    rows = group_ok.repeat_interleave(M)[:, None]  # (B, 1)
-    zero_y = torch.zeros((), dtype=y_t.dtype, device=dev)
-    mmd = mmd_loss(torch.where(rows, y_t, zero_y), torch.where(rows, y_r.to(y_t.dtype), zero_y), M,
-                   scale=scale.float(), eps=cfg.kernel_eps, kernel=cfg.kernel, reduction="none",
-                   backend=cfg.backend)  # (G,)
-    contrib = w.to(mmd.dtype) * mmd  # (G,)
-    ok = group_ok & torch.isfinite(contrib)  # (G,)
-    per_group = torch.where(ok, contrib, torch.zeros((), dtype=contrib.dtype, device=contrib.device))
+    per_group, mmd, group_ok, ok = _masked_group_mmd(y_t, y_r, row_ok, w, scale, M, cfg)
     out = IMMLossOutput(loss=per_group.mean(), mmd=torch.where(group_ok, mmd.detach(), float("nan")), weight=w,
                         scale=scale, t=t, s=s, r=r, nonfinite_groups=(~ok).sum())
     if diagnostics:

@@ -1,4 +1,5 @@
-"""SD-VAE latents (spec section 6): encode an image folder to normalized latents, decode samples back to pixels.
+"""SD-VAE latents (IMM paper, Sec. 7: ImageNet-256 is trained in Stable Diffusion's VAE latent space): encode
+an image folder to normalized latents, decode samples back to pixels.
 
 The autoencoder is a diffusers AutoencoderKL loaded from a LOCAL folder (never downloaded at run time); diffusers
 is imported only here, on first use. Latents are the posterior SAMPLE, without the 0.18215 factor, then per channel
