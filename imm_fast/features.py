@@ -129,7 +129,8 @@ def _sha256(path) -> str:
 def _inception(weights, device) -> FeatureNet:
     net, path = load_inception(weights, device)
     fwd = lambda x: dict(zip(("inception", "inception_logits"), net(x)))  # noqa: E731
-    return FeatureNet("inception", {"inception": FEATURES, "inception_logits": CLASSES}, path, fwd, torch.device(device))
+    outputs = {"inception": FEATURES, "inception_logits": CLASSES}
+    return FeatureNet("inception", outputs, path, fwd, torch.device(device))
 
 
 def _dinov2(weights, device) -> FeatureNet:

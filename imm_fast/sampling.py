@@ -123,7 +123,8 @@ def sample(model, noise, steps=1, sampler="pushforward", grid="uniform", class_l
     steps: network evaluations (x2 with guidance); ignored when grid is an explicit list of middle eta values.
     sampler: "pushforward" or "restart" (restart draws fresh noise with torch.randn_like, in the authors'
     order, or from `generator`: one torch.Generator, or a list of N CPU generators, sample i's noise from the
-    i-th, so that a sample is a function of its own generator whatever the batch). class_labels: int ids (N,) with label_dim = null class, or one-hot rows.
+    i-th, so that a sample is a function of its own generator whatever the batch).
+    class_labels: int ids (N,) with label_dim = null class, or one-hot rows.
     cfg_scale: classifier-free guidance weight w (G = G_u + w (G_c - G_u)), None = off.
     The model is used as it is: call model.eval() first for deterministic sampling.
     cuda_graph: None (auto: on for CUDA noise when every submodule is in eval mode), True (CUDA noise and an eval

@@ -187,8 +187,9 @@ def save_sample_grids(run_dir: Path, step: int, ema, ds, cfg: TrainConfig, devic
 def evaluate(ema, ds, cfg: TrainConfig, device, step: int = 0) -> dict:
     """Metrics of the EMA model: digits -> accuracy / FD table; images -> FID / IS (imm_fast.evaluation)."""
     from . import metrics as M
+    from .data import DIGITS_CLASSES, DIGITS_SHAPE
 
-    if cfg.data.source == "digits" and ema.label_dim == 10 and ds.shape == (1, 8, 8):
+    if cfg.data.source == "digits" and ema.label_dim == DIGITS_CLASSES and ds.shape == DIGITS_SHAPE:
         table = M.digits_report(ema, cfg.eval_steps, cfg.sample.cfg_scale or 0.0, cfg.eval_samples, cfg.seed,
                                 cfg.sample.sampler)
         return {"digits": {str(k): v for k, v in table.items()},

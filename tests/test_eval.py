@@ -18,7 +18,8 @@ import torch.nn as nn
 
 from imm_fast import metrics as M
 from imm_fast import evaluation as E
-from imm_fast.inception import InceptionV3, find_weights, inception_outputs, load_inception, resize_like_tf1
+from imm_fast.features import find_inception as find_weights, load_feature_net
+from imm_fast.inception import InceptionV3, load_inception, resize_like_tf1
 
 from _helpers import random_model
 
@@ -217,11 +218,11 @@ def test_statistics_npz_formats_round_trip(tmp_path):
     assert np.array_equal(m4, mu) and np.array_equal(s4, sigma) and info4["format"] == "adm"
     np.savez(tmp_path / "images.npz", arr_0=rng.randint(0, 256, (4, 8, 8, 3), dtype=np.uint8))
     assert E.load_statistics(tmp_path / "images.npz") is None  # images only: statistics get computed
-    assert E.load_reference(tmp_path / "adm.npz")[2]["format"] == "adm"
+    assert E.read_reference(tmp_path / "adm.npz").info["format"] == "adm"
     with pytest.raises(ValueError, match="mu"):
         E.save_statistics(tmp_path / "bad.npz", mu, sigma[:3])
     with pytest.raises(FileNotFoundError, match="ref="):
-        E.load_reference(tmp_path / "missing.npz")
+        E.load_reference(tmp_path / "missing.npz", [])
 
 
 def test_adm_center_crop_and_dataset_sources(tmp_path):
@@ -333,7 +334,7 @@ def test_two_gloo_ranks_make_the_images_of_one_process(model_file, weights, tmp_
     fid = result["results"]["2"]["fid"]
     assert fid > 0 and f"FID {fid}" in p.stdout and result["results"]["2"]["made_now"] == 5
     (cache,) = (tmp_path / "out").glob("eval-cache/*/2step")
-    feats, _ = E._gather_shards(cache, 5, 2)
+    feats = E._gather_shards(cache, 5, 2)["inception"]
     mu_r, s_r, _ = E.load_statistics(tmp_path / "ref.npz")
     assert fid == pytest.approx(_fd_eigh(*M.feature_statistics(feats), mu_r, s_r), rel=1e-6)
 
@@ -368,14 +369,13 @@ def test_evaluate_end_to_end(model_file, weights, tmp_path, capsys):
     assert r["reference"]["path"] == str(ref_file)  # computed once from the images, cached beside the results
     mu_r, s_r, _ = E.load_statistics(ref_file)
     (cache,) = (out / "eval-cache").glob("*/1step")
-    feats, _ = E._gather_shards(cache, 4, 3)
+    feats = E._gather_shards(cache, 4, 3)["inception"]
     mu, s = M.feature_statistics(feats)
     assert s.std() > 1e-3  # the random network's features differ between images
     np.testing.assert_allclose(mu, mu_r, rtol=1e-5, atol=1e-6 * np.abs(mu_r).max())
     np.testing.assert_allclose(s, s_r, rtol=1e-4, atol=1e-5 * np.abs(s_r).max())
     assert abs(row["fid"]) < 1e-5 * np.trace(s_r)
-    net, _ = load_inception(str(weights))
-    alone = inception_outputs(net, x1[3:])[0][0]  # sample 3 by itself
+    alone = load_feature_net("inception", str(weights))(x1[3:])["inception"][0]  # sample 3 by itself
     torch.testing.assert_close(torch.from_numpy(feats[3]).double(), alone, rtol=1e-5, atol=1e-6)
 
 
