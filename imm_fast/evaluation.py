@@ -294,12 +294,17 @@ def _gather_rows(parts, n):
     return out
 
 
+def _widths(nets) -> dict:
+    """{output: width} of the loaded networks (their weights decide it, e.g. a smaller DINOv2)."""
+    return {o: w for net in nets for o, w in net.outputs.items()}
+
+
 def _features_of(nets, source, needs, batch=100, max_images=None, progress=True, label="reference"):
     """A Reference of a dataset's feature outputs: statistics and features per need; every rank reads its share."""
     rank, w = world()
     n = len(source) if max_images is None else min(len(source), int(max_images))
     mine = np.arange(rank, n, w)
-    moments = {o: _Moments(output_widths()[o]) for o, k in needs if k == "stats"}
+    moments = {o: _Moments(_widths(nets)[o]) for o, k in needs if k == "stats"}
     feats = {o: [] for o, k in needs if k == "features"}
     bar = Progress(progress and rank == 0, n, label=label, unit="images")
     for i in range(0, len(mine), batch):
@@ -318,7 +323,7 @@ def _features_of(nets, source, needs, batch=100, max_images=None, progress=True,
         acc.all_reduce()
         ref.stats[o] = acc.stats()
     for o, parts in feats.items():
-        rows = np.concatenate(parts) if parts else np.zeros((0, output_widths()[o]), np.float32)
+        rows = np.concatenate(parts) if parts else np.zeros((0, _widths(nets)[o]), np.float32)
         ref.features[o] = _gather_rows(rows, n)
     return ref
 
@@ -387,8 +392,7 @@ def load_reference(ref, nets, metrics=M.DEFAULT_METRICS, resolution=None, batch=
     """The checked Reference the metrics need: read from an .npz of statistics, else computed from the dataset
     `ref` names (then cached under cache_dir as reference-<key>.npz, the key holding the source's content
     signature, the networks' sha256 and what is needed). Every check runs here, before any sample is drawn."""
-    p, needs = Path(ref), needs_of(metrics)
-    widths = {o: w for o, w in output_widths().items() if _network_of(o) in {n.name for n in nets}}
+    p, needs, widths = Path(ref), needs_of(metrics), _widths(nets)
     if not p.exists():
         raise FileNotFoundError(f"ref={str(ref)!r} does not exist; give statistics (.npz with mu, sigma, e.g. EDM's "
                                 "cifar10-32x32.npz or ADM's VIRTUAL_imagenet256_labeled.npz) or a dataset")
@@ -994,9 +998,9 @@ def _train_reference(cfg, nets, metrics, ds):
         return None
     key = ("train-data", cfg.data.path, cfg.data.source, shas, metrics)
     if key not in _TRAIN_REF:
-        widths = output_widths()
         ref = _features_of(nets, _DatasetPixels(ds), needs_of(metrics), batch=250, progress=False)
-        _TRAIN_REF[key] = check_reference(ref, needs_of(metrics), widths, f"the training images ({cfg.data.source})")
+        _TRAIN_REF[key] = check_reference(ref, needs_of(metrics), _widths(nets),
+                                          f"the training images ({cfg.data.source})")
     return _TRAIN_REF[key]
 
 
