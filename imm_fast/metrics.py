@@ -251,7 +251,7 @@ def fid(samples_uint8, reference_uint8, inception=None):
 # ----------------------------------------------------------------------------------------------------------------
 def check_statistics(mu, sigma, width, source="the reference statistics"):
     """Raise ValueError unless mu (width,) and sigma (width, width) are finite, sigma symmetric and positive
-    semi-definite (eigenvalues >= -1e-6 of the largest: round-off of a rank-deficient covariance passes)."""
+    semi-definite (eigenvalues > -1e-6 of the largest entry: round-off of a rank-deficient covariance passes)."""
     mu, sigma = np.asarray(mu), np.asarray(sigma)
     if mu.shape != (width,) or sigma.shape != (width, width):
         raise ValueError(f"{source}: mu {mu.shape} and sigma {sigma.shape} do not fit the feature network's width "
@@ -265,8 +265,11 @@ def check_statistics(mu, sigma, width, source="the reference statistics"):
     if asym > 1e-5 * scale:
         raise ValueError(f"{source}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}, largest entry "
                          f"{scale:.3g}); not a covariance")
-    eig = np.linalg.eigvalsh((sigma + sigma.T) / 2)
-    if eig[0] < -1e-6 * max(eig[-1], scale):
+    sym = (sigma + sigma.T) / 2
+    try:  # PSD up to tol <=> sym + tol I is positive definite: a Cholesky, 10-30x cheaper than the eigenvalues
+        np.linalg.cholesky(sym + 1e-6 * scale * np.eye(width))
+    except np.linalg.LinAlgError:
+        eig = np.linalg.eigvalsh(sym)
         raise ValueError(f"{source}: sigma is not positive semi-definite (smallest eigenvalue {eig[0]:.3g}, largest "
                          f"{eig[-1]:.3g}); not a covariance")
 
