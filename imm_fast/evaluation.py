@@ -396,6 +396,8 @@ def load_reference(ref, nets, metrics=M.DEFAULT_METRICS, resolution=None, batch=
     if not p.exists():
         raise FileNotFoundError(f"ref={str(ref)!r} does not exist; give statistics (.npz with mu, sigma, e.g. EDM's "
                                 "cifar10-32x32.npz or ADM's VIRTUAL_imagenet256_labeled.npz) or a dataset")
+    if not needs:  # e.g. the Inception Score alone: nothing to read or compute
+        return Reference(info={"source": str(ref), "path": str(p), "format": "unused"})
     if p.is_file() and p.suffix == ".npz":
         got = read_reference(p, widths)
         if got is not None and all(got.has(n) for n in needs):

@@ -39,7 +39,7 @@ DINOV2_URL = f"https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/{DINOV2_FILE}
 DINOV2_SIZE = 224
 DINOV2_HEAD_DIM = 64  # every released DINOv2 (S, B, L, g) has 64-wide heads: the shapes then give the head count
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-MAX_WEIGHTS_BYTES = 4 << 30  # ViT-g/14 is 4.5 GB in fp32... ViT-L/14 is 1.2 GB; a bigger file is not ours to load
+MAX_WEIGHTS_BYTES = 4 << 30  # ViT-L/14 is 1.2 GB in fp32: a file over 4 GiB is not the network FD_DINOv2 uses
 
 
 def hub_file(name) -> Path:

@@ -175,45 +175,21 @@ class InceptionV3(nn.Module):
         return pool, pool @ self.fc.weight.T              # TF's IS reads the logits without the bias
 
 
-_CACHE = {}
-
-
 def load_inception(path, device="cpu"):
     """(InceptionV3 in eval mode with the FID weights file `path` on `device`, the path). Finding the file (a path,
-    $IMM_FAST_INCEPTION, the torch hub cache, "download"): imm_fast.features.find_inception."""
+    $IMM_FAST_INCEPTION, the torch hub cache, "download") and keeping the network loaded: imm_fast.features."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"inception={str(path)!r} is not a file; give the TF-ported FID Inception weights "
                                 f"({WEIGHTS_FILES[0]})")
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(device))
-    if key not in _CACHE:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read the Inception weights {str(path)!r}: {e}") from e
-        net = InceptionV3()
-        try:
-            net.load_state_dict(sd)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"{str(path)!r} is not the FID Inception-V3 state dict "
-                             f"({WEIGHTS_FILES[0]}): {str(e).splitlines()[0]}") from None
-        _CACHE.clear()  # keep one network in memory
-        _CACHE[key] = net.to(device).eval().requires_grad_(False)
-    return _CACHE[key], path
-
-
-@torch.no_grad()
-def inception_outputs(net, images, batch=200):
-    """(features float64 (N, 2048), logits float64 (N, 1008)) of uint8 images (N, C, H, W), C in {1, 3}."""
-    dev = next(net.parameters()).device
-    feats, logits = [], []
-    for i in range(0, len(images), batch):
-        x = torch.as_tensor(images[i:i + batch]).to(dev)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        f, lg = net(x)
-        feats.append(f.double().cpu())
-        logits.append(lg.double().cpu())
-    if not feats:
-        return torch.zeros(0, FEATURES, dtype=torch.float64), torch.zeros(0, CLASSES, dtype=torch.float64)
-    return torch.cat(feats), torch.cat(logits)
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read the Inception weights {str(path)!r}: {e}") from e
+    net = InceptionV3()
+    try:
+        net.load_state_dict(sd)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{str(path)!r} is not the FID Inception-V3 state dict "
+                         f"({WEIGHTS_FILES[0]}): {str(e).splitlines()[0]}") from None
+    return net.to(device).eval().requires_grad_(False), path
