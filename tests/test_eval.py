@@ -706,3 +706,19 @@ def test_shared_pieces_are_written_once(model_file):
     noise = torch.stack([torch.randn(3, 8, 8, generator=g) for g in gens]) * model.sigma_data
     x = imm_fast.sample(model, noise, 3, "restart", class_labels=labels, generator=gens)
     assert torch.equal(px, E.decode(model, x))
+
+
+def test_eval_of_a_digits_checkpoint_recomputes_the_training_table(tmp_path, monkeypatch, capsys):
+    """`eval CHECKPOINT` (no --ref) on a trained digits run prints the very table training printed at its end."""
+    pytest.importorskip("sklearn")
+    from imm_fast.__main__ import main
+
+    torch.manual_seed(1)
+    clf = M.DigitsClassifier().eval()  # any fixed classifier (training the real one takes longer)
+    monkeypatch.setattr(M, "digits_classifier", lambda refresh=False: clf)
+    run = imm_fast.train("digits", max_steps=4, batch_size=16, progress=False, out_dir=str(tmp_path), device="cpu",
+                         **{"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "eval_samples": 20,
+                            "eval_steps": [1, 2], "sample.num_images": 10, "sample.steps": [1], "threads": 1})
+    capsys.readouterr()
+    assert main(["eval", str(run.checkpoint)]) == 0
+    assert run.metrics["table"] in capsys.readouterr().out
