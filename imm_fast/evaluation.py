@@ -453,8 +453,8 @@ def generate(model, indices, steps, sampler="pushforward", grid="uniform", cfg_s
         idx = np.asarray(indices)
         raise NonFiniteSamplesError(
             f"{bad} of the {steps}-step samples {int(idx.min())}..{int(idx.max())} of {source} hold NaN/inf; nothing "
-            f"was scored (they would decode to flat images and a meaningless score). The weights or the guidance "
-            f"scale (cfg_scale={cfg_scale}) are not finite")
+            f"was scored (they would decode to flat images and a meaningless score); likely causes: non-finite "
+            f"weights in the checkpoint, or a guidance scale the model cannot take (cfg_scale={cfg_scale})")
     return decode(model, x, vae, kind), labels
 
 
@@ -960,11 +960,11 @@ def evaluate_digits(checkpoint, run_cfg, num=None, steps=None, cfg_scale=None, s
     result = dict(checkpoint=str(checkpoint), checkpoint_file=str(ck_file), checkpoint_sha256=file_sha256(ck_file),
                   settings=dict(num=num, steps=list(steps), cfg_scale=w, seed=seed, sampler=sampler, kind="digits"),
                   digits={str(k): v for k, v in table.items()}, table=text, time_utc=stamp)
-    out = Path(out_dir) if out_dir is not None else ck_file.parent
-    result["json"] = str(_write_record(out, stamp, result))
-    if verbose:
-        print(text)
-        print(f"written: {result['json']}")
+    if int(os.environ.get("RANK", "0")) == 0:  # one record under torchrun (the table is the same on every rank)
+        result["json"] = str(_write_record(Path(out_dir) if out_dir is not None else ck_file.parent, stamp, result))
+        if verbose:
+            print(text)
+            print(f"written: {result['json']}")
     return result
 
 

@@ -48,9 +48,14 @@ def hub_file(name) -> Path:
 
 
 def download(url, what, option) -> None:
-    """torch.hub's download into its cache, with a one-line error that says what to do when it fails."""
+    """Download into the torch hub cache (kept there for next time), with a one-line error that says what to do
+    when it fails."""
+    dst = hub_file(Path(url).name)
+    if dst.is_file():
+        return
     try:
-        torch.hub.load_state_dict_from_url(url, progress=True, check_hash=False, map_location="cpu")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(dst), progress=True)  # to a temporary name, then moved in place
     except Exception as e:  # noqa: BLE001 - URLError, socket errors, HTTP errors: all mean "not from here"
         reason = " ".join(str(getattr(e, "reason", e)).split())[:200]
         raise FileNotFoundError(

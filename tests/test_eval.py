@@ -680,7 +680,8 @@ def test_inception_download_offline_says_what_to_do(monkeypatch, model_file, tmp
     def offline(*a, **k):
         raise urllib.error.URLError(OSError(-2, "Name or service not known"))
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="offline.*--inception PATH"):
         find_weights("download")
     np.savez(tmp_path / "r.npz", mu=np.zeros(2048), sigma=np.eye(2048))
