@@ -915,7 +915,8 @@ def _score_steps(job, cache, n):
     if rank == 0:
         outputs = sorted({o for m in st["metrics"] for o in M.METRICS[m].reads})
         outs = _gather_shards(cache, st["num"], st["shard_size"], outputs)
-        row = M.compute_metrics(st["metrics"], outs, job["reference"], {"is_splits": st["is_splits"]})
+        row = M.compute_metrics(st["metrics"], outs, job["reference"], {"is_splits": st["is_splits"],
+                                                                        "device": job["dev"]})
         row.update(nfe=n * (2 if st["cfg_scale"] is not None else 1), images=st["num"], made_now=made, seconds=wall,
                    generate_s_rank0=t_gen, features_s_rank0=t_feat, images_per_s=made / wall if made else 0.0)
         if st["save_npz"]:

@@ -354,7 +354,8 @@ def _is(outs, ref, opts):
 
 
 def _pr(outs, ref, opts):
-    p, r = precision_recall(ref.features["inception"], outs["inception"], k=opts.get("pr_k", 3))
+    p, r = precision_recall(ref.features["inception"], outs["inception"], k=opts.get("pr_k", 3),
+                            device=opts.get("device", "cpu"))  # 50K x 50K float64 distances: the GPU when there
     return {"precision": p, "recall": r}
 
 
