@@ -119,16 +119,14 @@ def _cmd_sample(args):
             labels = labels.repeat(args.num // len(labels) + 1)[: args.num]
     x = sample(model, noise.to(args.device), args.steps, args.sampler, grid, labels,
                args.cfg_scale if model.label_dim else None).float()
-    if args.vae:
-        from .vae import decode_latents, load_vae
+    from .evaluation import decode, pixel_kind_of
 
-        pixels = decode_latents(load_vae(args.vae, args.device), x)
-    elif model.img_channels == 1 and model.img_resolution == 8:  # the digits scaling
-        pixels = ((x * 12 + 8) / 16).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-    else:
-        if model.img_channels not in (1, 3):
-            raise ValueError(f"a {model.img_channels}-channel model samples latents: pass --vae to decode them")
-        pixels = ((x + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    vae = None
+    if args.vae:
+        from .vae import load_vae
+
+        vae = load_vae(args.vae, args.device)
+    pixels = decode(model, x, vae, pixel_kind_of(args.checkpoint))  # the decoder of the run's data kind
     nrow = model.label_dim if model.label_dim and args.num % model.label_dim == 0 else None
     save_png(out, pixels, nrow, max(1, 64 // pixels.shape[-1]))
     print(f"samples written to {out}")
@@ -142,14 +140,12 @@ def _cmd_eval(args):
         if not (args.ref and args.ref_out):
             raise ValueError("give a checkpoint to evaluate, or --ref DATASET --ref-out STATS.npz to only compute "
                              "reference statistics")
-        _, _, info = reference_statistics(args.ref, args.ref_out, args.inception, args.device, args.ref_resolution,
-                                          args.batch)
+        info = reference_statistics(args.ref, args.ref_out, args.inception, args.device, args.ref_resolution,
+                                    args.batch, metrics=args.metrics.split(","), dinov2=args.dinov2).info
         print(f"reference statistics of {info['num_images']} images written to {args.ref_out}")
         return 0
-    if not args.ref:
-        raise ValueError("--ref is required: statistics (.npz with mu, sigma) or a dataset to compute them from")
-    try:
-        steps = tuple(int(v) for v in args.steps.split(",") if v.strip())
+    try:  # --ref may be left out for a digits run: evaluate() says what to pass otherwise
+        steps = None if args.steps is None else tuple(int(v) for v in args.steps.split(",") if v.strip())
     except ValueError:
         raise ValueError(f"--steps must be comma-separated ints such as 1,2,4,8, got {args.steps!r}") from None
     grid = args.grid
@@ -163,7 +159,7 @@ def _cmd_eval(args):
              grid=grid, batch=args.batch, seed=args.seed, inception=args.inception, vae=args.vae, device=args.device,
              save_npz=args.save_npz, shard_size=args.shard_size, out_dir=args.out_dir,
              ref_resolution=args.ref_resolution, keep_cache=args.keep_cache, progress=not args.no_progress,
-             trust_unverified=args.trust_unverified)
+             trust_unverified=args.trust_unverified, metrics=args.metrics.split(","), dinov2=args.dinov2)
     return 0
 
 
@@ -218,13 +214,17 @@ def build_parser():
     v.add_argument("--ref-resolution", type=int, help="center-crop folder images to this side the ADM way "
                                                       "(ImageNet: 256)")
     v.add_argument("--ref-out", help="without a checkpoint: write the statistics of --ref to this .npz")
-    v.add_argument("--num", type=int, default=50000, help="samples per step count (default 50000)")
-    v.add_argument("--steps", default="1,2,4,8", help="comma-separated step counts (default 1,2,4,8)")
+    v.add_argument("--num", type=int, help="samples per step count (default 50000; digits: the run's eval_samples)")
+    v.add_argument("--steps", help="comma-separated step counts (default 1,2,4,8; digits: the run's eval_steps)")
+    v.add_argument("--metrics", default="fid,is", help="comma-separated, of imm_fast.metrics.METRICS: fid, is, pr "
+                                                       "(precision/recall), fd_dinov2 (default fid,is)")
+    v.add_argument("--dinov2", help="DINOv2 ViT-L/14 weights file for fd_dinov2, or 'download' (default: "
+                                    "$IMM_FAST_DINOV2, then the torch hub cache)")
     v.add_argument("--cfg-scale", type=float, default=None, help="guidance weight (class-conditional models)")
-    v.add_argument("--sampler", default="pushforward", choices=("pushforward", "restart"))
+    v.add_argument("--sampler", choices=("pushforward", "restart"), help="default pushforward (digits: the run's)")
     v.add_argument("--grid", default="uniform", help="uniform, edm or comma-separated middle eta values")
     v.add_argument("--batch", type=int, default=64, help="images per network call, per rank")
-    v.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    v.add_argument("--seed", type=int, help="sample i uses seed + i (default 0; digits: the run's seed)")
     v.add_argument("--inception", help="FID Inception weights file, or 'download' "
                                        "(default: $IMM_FAST_INCEPTION, then the torch hub cache)")
     v.add_argument("--vae", help="decode latent samples with this local AutoencoderKL folder")

@@ -8,7 +8,7 @@ so a resumed run draws exactly the batches an uninterrupted one would.
 Scaling (to_model / to_pixels are inverses):
 - digits: pixels 0..16 -> (x - 8) / 12: range [-2/3, 2/3], std 0.50 over the dataset (mean -0.26).
 - uint8 images: x / 127.5 - 1 in [-1, 1] (the EDM convention, std about 0.5 for natural images).
-- latents and float arrays: used as stored (latents are normalized at encode time, spec section 6).
+- latents and float arrays: used as stored (latents are normalized at encode time by imm_fast.vae).
 
 Shapes: N samples, C channels, R side; images are stored NCHW.
 """
@@ -28,6 +28,33 @@ from .errors import DataError
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DIGITS_SPLIT_SEED = 0       # the fixed train / test split of the 1,797 digits
 DIGITS_TEST_FRACTION = 0.2  # 360 held-out digits for the classifier and the Frechet distance
+DIGITS_COUNT = 1797         # scikit-learn's copy of the UCI 8x8 digits
+DIGITS_SHAPE = (1, 8, 8)    # (C, R, R)
+DIGITS_CLASSES = 10
+DIGITS_MAX = 16.0           # pixels are 0..16
+DIGITS_OFFSET, DIGITS_SCALE = 8.0, 12.0  # model scale (x - 8) / 12: std 0.50 over the dataset (sigma_d)
+PIXEL_KINDS = ("digits", "uint8")  # how model-scale samples become pixels (see to_pixels)
+
+
+def digits_to_model(raw):
+    """Digits pixels 0..16 -> model scale, (x - 8) / 12 (a tensor or an array)."""
+    return (raw - DIGITS_OFFSET) / DIGITS_SCALE
+
+
+def to_pixels(x, kind="uint8"):
+    """Model-scale samples (N, C, R, R) -> uint8 pixels on the CPU, the one decoder per kind of data:
+    "digits": x * 12 + 8 back to 0..16, then to 0..255; "uint8" (images scaled to [-1, 1]): (x + 1) / 2 * 255.
+    Values outside the range are clamped."""
+    if kind not in PIXEL_KINDS:
+        raise ValueError(f"pixel kind {kind!r} is not one of {PIXEL_KINDS}")
+    x = x.detach().to(torch.float32).cpu()
+    x = (x * DIGITS_SCALE + DIGITS_OFFSET) / DIGITS_MAX if kind == "digits" else (x + 1.0) / 2.0
+    return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
+def pixel_kind(data_source) -> str:
+    """The pixel decoder of a training data source (DataConfig.source): digits, else images in [-1, 1]."""
+    return "digits" if data_source == "digits" else "uint8"
 
 
 @dataclass
@@ -50,19 +77,14 @@ class ArrayDataset:
     def to_model(self, raw: torch.Tensor) -> torch.Tensor:
         raw = raw.to(torch.float32)
         if self.kind == "digits":
-            return (raw - 8.0) / 12.0
+            return digits_to_model(raw)
         if self.kind == "uint8":
             return raw / 127.5 - 1.0
         return raw
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space samples -> uint8 pixels (N, C, R, R) for grids and metrics (floats: clamp [-1, 1])."""
-        x = x.detach().to(torch.float32).cpu()
-        if self.kind == "digits":
-            x = (x * 12.0 + 8.0) / 16.0
-        else:
-            x = (x + 1.0) / 2.0
-        return (x.clamp(0, 1) * 255.0).round().to(torch.uint8)
+        return to_pixels(x, "digits" if self.kind == "digits" else "uint8")
 
     def get(self, indices, hflip=None):
         """(x float32 (n, C, R, R) in model scale, labels int64 (n,) or None); hflip: bool mask (n,) or None."""
@@ -127,7 +149,7 @@ class EpochSampler:
 # ----------------------------------------------------------------------------------------------------------------
 def digits_split():
     """(train_indices, test_indices) of the fixed 80/20 split of scikit-learn's 1,797 digits."""
-    n = 1797
+    n = DIGITS_COUNT
     perm = np.random.RandomState(DIGITS_SPLIT_SEED).permutation(n)
     n_test = int(round(n * DIGITS_TEST_FRACTION))
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
@@ -240,6 +262,51 @@ def _np_load(path, **kw):
         raise DataError(f"could not read array file {str(path)!r}: {type(e).__name__}: {e}") from e
 
 
+# A real image or feature array never compresses by more than this (noise-free images reach ~10x); a zip bomb
+# does by orders of magnitude. Smaller members are let through (a constant array of a few MB is harmless).
+MAX_NPZ_RATIO = 64
+MAX_NPZ_SMALL = 1 << 24  # bytes
+
+
+def npz_members(path) -> dict:
+    """{name without .npy: (shape, dtype, stored bytes)} of an .npz, from each member's .npy header only (a few
+    bytes inflated), so a file can be checked before any array in it is allocated. DataError for a broken file."""
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = {(1, 0): np.lib.format.read_array_header_1_0,
+                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if read is None:
+                        raise ValueError(f"member {info.filename!r} has .npy format version {version}")
+                    shape, _, dtype = read(f)
+                out[info.filename[:-4]] = (tuple(int(v) for v in shape), dtype, info.compress_size)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+        raise DataError(f"could not read {str(path)!r} as an .npz: {type(e).__name__}: {e}") from e
+    return out
+
+
+def check_npz(path, caps=None) -> dict:
+    """npz_members(path), after refusing a member that would inflate far beyond its stored size (a zip bomb) or
+    beyond caps[name] bytes. Raises DataError naming the member, its shape and both sizes."""
+    members = npz_members(path)
+    for name, (shape, dtype, stored) in members.items():
+        nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+        cap = (caps or {}).get(name)
+        if cap is not None and nbytes > cap:
+            raise DataError(f"{str(path)!r}: {name!r} is {shape} {dtype} ({nbytes / 2**20:.1f} MiB), more than the "
+                            f"{cap / 2**20:.1f} MiB it can hold here; refusing to load it")
+        if nbytes > MAX_NPZ_SMALL and nbytes > MAX_NPZ_RATIO * max(stored, 1):
+            raise DataError(f"{str(path)!r}: {name!r} declares {shape} {dtype} ({nbytes / 2**20:.1f} MiB) from "
+                            f"{stored / 2**20:.2f} MiB stored (ratio > {MAX_NPZ_RATIO}); not a real array file (a "
+                            "zip bomb?), refusing to inflate it")
+    return members
+
+
 def load_array(path):
     """(x (N, C, R, R), labels or None) from .npy (images only) or .npz (keys x|images|arr_0 and y|labels)."""
     p = Path(path)
@@ -248,6 +315,7 @@ def load_array(path):
     if p.suffix == ".npy":
         x, y = _np_load(p, mmap_mode="r"), None
     elif p.suffix == ".npz":
+        check_npz(p)
         z = _np_load(p)
         xk = next((k for k in ("x", "images", "arr_0") if k in z.files), None)
         if xk is None:

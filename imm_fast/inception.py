@@ -7,13 +7,12 @@ pool_3 features (FID) and the 1008 unbiased logits (pool_3 @ W, as the TF Incept
 
 Weights: the TF-ported state dict that torch-fidelity (`weights-inception-2015-12-05-6726825d.pth`) and pytorch-fid
 (`pt_inception-2015-12-05-6726825d.pth`) download; both use the parameter names of this module. Nothing is
-downloaded unless asked for (`inception="download"`): see `find_weights`.
+downloaded unless asked for (`inception="download"`): see imm_fast.features.find_inception.
 
 Shapes: N images, (3, H, W) uint8 pixels.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -176,75 +175,21 @@ class InceptionV3(nn.Module):
         return pool, pool @ self.fc.weight.T              # TF's IS reads the logits without the bias
 
 
-def _hub_candidates():
-    ck = Path(torch.hub.get_dir()) / "checkpoints"
-    return [ck / name for name in WEIGHTS_FILES]
-
-
-def find_weights(inception=None):
-    """The weights file to use: `inception` (a path, or "download"), else $IMM_FAST_INCEPTION, else a file that
-    torch-fidelity or pytorch-fid already cached in the torch hub folder. No file -> FileNotFoundError saying how
-    to get one. "download" fetches torch-fidelity's file into that cache (needs a network)."""
-    if inception == "download":
-        torch.hub.load_state_dict_from_url(WEIGHTS_URL, progress=True, check_hash=False)
-        inception = None
-    if inception is not None:
-        p = Path(inception).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"inception={str(inception)!r} is not a file; give the TF-ported FID Inception "
-                                    f"weights ({WEIGHTS_FILES[0]})")
-        return p
-    env = os.environ.get(ENV_VAR)
-    if env:
-        p = Path(env).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"${ENV_VAR}={env!r} is not a file; point it at the FID Inception weights "
-                                    f"({WEIGHTS_FILES[0]})")
-        return p
-    for p in _hub_candidates():
-        if p.is_file():
-            return p
-    raise FileNotFoundError(
-        "FID needs the TF-ported Inception-V3 weights and none were found. Either pass --inception PATH (Python: "
-        f"inception=PATH) or set {ENV_VAR}=PATH to a copy of {WEIGHTS_FILES[0]} ({WEIGHTS_URL}), or place it in "
-        f"{_hub_candidates()[0].parent}, or pass --inception download on a machine with network access.")
-
-
-_CACHE = {}
-
-
-def load_inception(inception=None, device="cpu"):
-    """(InceptionV3 in eval mode with the FID weights on `device`, the weights file's path)."""
-    path = find_weights(inception)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(device))
-    if key not in _CACHE:
-        try:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"could not read the Inception weights {str(path)!r}: {e}") from e
-        net = InceptionV3()
-        try:
-            net.load_state_dict(sd)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"{str(path)!r} is not the FID Inception-V3 state dict "
-                             f"({WEIGHTS_FILES[0]}): {str(e).splitlines()[0]}") from None
-        _CACHE.clear()  # keep one network in memory
-        _CACHE[key] = net.to(device).eval().requires_grad_(False)
-    return _CACHE[key], path
-
-
-@torch.no_grad()
-def inception_outputs(net, images, batch=200):
-    """(features float64 (N, 2048), logits float64 (N, 1008)) of uint8 images (N, C, H, W), C in {1, 3}."""
-    dev = next(net.parameters()).device
-    feats, logits = [], []
-    for i in range(0, len(images), batch):
-        x = torch.as_tensor(images[i:i + batch]).to(dev)
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        f, lg = net(x)
-        feats.append(f.double().cpu())
-        logits.append(lg.double().cpu())
-    if not feats:
-        return torch.zeros(0, FEATURES, dtype=torch.float64), torch.zeros(0, CLASSES, dtype=torch.float64)
-    return torch.cat(feats), torch.cat(logits)
+def load_inception(path, device="cpu"):
+    """(InceptionV3 in eval mode with the FID weights file `path` on `device`, the path). Finding the file (a path,
+    $IMM_FAST_INCEPTION, the torch hub cache, "download") and keeping the network loaded: imm_fast.features."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"inception={str(path)!r} is not a file; give the TF-ported FID Inception weights "
+                                f"({WEIGHTS_FILES[0]})")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read the Inception weights {str(path)!r}: {e}") from e
+    net = InceptionV3()
+    try:
+        net.load_state_dict(sd)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{str(path)!r} is not the FID Inception-V3 state dict "
+                         f"({WEIGHTS_FILES[0]}): {str(e).splitlines()[0]}") from None
+    return net.to(device).eval().requires_grad_(False), path

@@ -4,8 +4,14 @@ Digits: a small CNN trained once on the digits training split (cached under $IMM
 gives (1) the class accuracy of class-conditional samples and (2) the Frechet distance (FD) of its penultimate
 features between samples and the held-out real digits, printed beside the real-vs-real floor (the FD between as
 many real training digits and the same held-out digits).
-Images: `frechet_distance(mu1, sigma1, mu2, sigma2)` (FID, float64, the reference sqrtm handling) and
-`inception_score(logits)` on the FID Inception-V3 of imm_fast.inception; imm_fast.evaluation runs the pipeline.
+Images: METRICS, one table that evaluate()'s record, its printed table and training-time evaluation all read.
+Each Metric names the feature-network outputs it reads (imm_fast.features: "inception", "inception_logits",
+"dinov2"), what it needs of the reference (statistics or features of one output) and its columns:
+
+  fid        Frechet distance of Inception pool features (FID; float64, scipy sqrtm as the reference code)
+  is         Inception Score (10 splits of the unbiased logits)
+  pr         precision and recall (Kynkaenniemi et al. 2019, k = 3, on Inception pool features)
+  fd_dinov2  Frechet distance of DINOv2 ViT-L/14 CLS features (FD_DINOv2, as EDM2 and dgm-eval)
 
 Shapes: N samples, F feature width, (C, R, R) images.
 """
@@ -13,12 +19,17 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .data import DIGITS_CLASSES, DIGITS_SHAPE, digits_to_model, load_digits_arrays
+from .features import find_inception, load_feature_net
 
 CLASSIFIER_VERSION = 1  # bump when the classifier or its training changes (invalidates the cache)
 
@@ -32,10 +43,11 @@ class DigitsClassifier(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        c, r, _ = DIGITS_SHAPE
+        self.conv1 = nn.Conv2d(c, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
+        self.fc1 = nn.Linear(32 * (r // 2) ** 2, 64)
+        self.fc2 = nn.Linear(64, DIGITS_CLASSES)
 
     def features(self, x):
         h = F.relu(self.conv1(x))
@@ -47,10 +59,8 @@ class DigitsClassifier(nn.Module):
 
 
 def _train_digits_classifier(seed=0, epochs=30):
-    from .data import load_digits_arrays
-
     x, y = load_digits_arrays("train")
-    x = (torch.from_numpy(x) - 8.0) / 12.0
+    x = digits_to_model(torch.from_numpy(x))
     y = torch.from_numpy(y)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -113,6 +123,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6) -> float:
     if mu1.shape != mu2.shape or s1.shape != (n, n) or s2.shape != (n, n):
         raise ValueError(f"frechet_distance needs mu (F,) and sigma (F, F) of one width F; got mu1 {mu1.shape}, "
                          f"sigma1 {s1.shape}, mu2 {mu2.shape}, sigma2 {s2.shape}")
+    for name, a in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
+        if not np.isfinite(a).all():  # sqrtm of a matrix with NaN/inf runs for many minutes, then gives NaN
+            raise ValueError(f"frechet_distance: {name} holds {int((~np.isfinite(a)).sum())} NaN/inf values "
+                             f"(of {a.size}); the statistics are broken")
     with warnings.catch_warnings():  # "singular matrix" is expected (fewer samples than features) and handled here
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(s1 @ s2)
@@ -163,14 +177,12 @@ def digits_eval(samples, labels=None, classifier=None):
     The floor uses the first N training digits (N = number of samples, at most the training split) so that both
     distances carry the same finite-sample bias.
     """
-    from .data import load_digits_arrays
-
     net = classifier or digits_classifier()
     x = samples.detach().float().cpu()
     test_x, _ = load_digits_arrays("test")
     train_x, _ = load_digits_arrays("train")
-    test_x = (torch.from_numpy(test_x) - 8.0) / 12.0
-    train_x = (torch.from_numpy(train_x[: len(x)]) - 8.0) / 12.0
+    test_x = digits_to_model(torch.from_numpy(test_x))
+    train_x = digits_to_model(torch.from_numpy(train_x[: len(x)]))
     ft = _features(net, test_x)
     out = {"fd": frechet_distance_features(_features(net, x), ft),
            "fd_floor": frechet_distance_features(_features(net, train_x), ft)}
@@ -189,8 +201,8 @@ def digits_report(model, steps=(1, 2, 4, 8), cfg_scale=2.0, num_samples=1000, se
     model = model.eval()
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_samples) % 10
-    noise = torch.randn((num_samples, 1, 8, 8), generator=g) * model.sigma_data
+    labels = torch.arange(num_samples) % DIGITS_CLASSES
+    noise = torch.randn((num_samples,) + DIGITS_SHAPE, generator=g) * model.sigma_data
     table = {}
     for n in steps:
         row = {}
@@ -213,14 +225,12 @@ def format_digits_table(table, cfg_scale) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FID of two in-memory image sets (the train-time helper of training.py; imm_fast.evaluation has the full pipeline)
+# FID of two in-memory image sets (a quick check; imm_fast.evaluation has the full pipeline)
 # ----------------------------------------------------------------------------------------------------------------
 def fid_available(inception=None):
     """(True, "") when the FID Inception weights are on this machine, else (False, why and how to get them)."""
-    from .inception import find_weights
-
     try:
-        find_weights(inception)
+        find_inception(inception)
     except FileNotFoundError as e:
         return False, f"FID skipped: {e}"
     return True, ""
@@ -231,8 +241,163 @@ def fid(samples_uint8, reference_uint8, inception=None):
     ok, msg = fid_available(inception)
     if not ok:
         return None, msg
-    from .inception import inception_outputs, load_inception
-
-    net, _ = load_inception(inception, "cuda" if torch.cuda.is_available() else "cpu")
-    f1, f2 = inception_outputs(net, samples_uint8)[0], inception_outputs(net, reference_uint8)[0]
+    net = load_feature_net("inception", inception, "cuda" if torch.cuda.is_available() else "cpu")
+    f1, f2 = net(samples_uint8)["inception"], net(reference_uint8)["inception"]
     return frechet_distance_features(f1.numpy(), f2.numpy()), ""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference statistics: checked when loaded, before anything is sampled
+# ----------------------------------------------------------------------------------------------------------------
+def check_statistics(mu, sigma, width, source="the reference statistics"):
+    """Raise ValueError unless mu (width,) and sigma (width, width) are finite, sigma symmetric and positive
+    semi-definite (eigenvalues > -1e-6 of the largest entry: round-off of a rank-deficient covariance passes)."""
+    mu, sigma = np.asarray(mu), np.asarray(sigma)
+    if mu.shape != (width,) or sigma.shape != (width, width):
+        raise ValueError(f"{source}: mu {mu.shape} and sigma {sigma.shape} do not fit the feature network's width "
+                         f"{width} (mu ({width},), sigma ({width}, {width})); were they made with another network?")
+    for name, a in (("mu", mu), ("sigma", sigma)):
+        bad = int((~np.isfinite(a)).sum())
+        if bad:
+            raise ValueError(f"{source}: {name} holds {bad} NaN/inf values; the statistics are broken")
+    scale = max(float(np.abs(sigma).max()), np.finfo(np.float64).tiny)
+    asym = float(np.abs(sigma - sigma.T).max())
+    if asym > 1e-5 * scale:
+        raise ValueError(f"{source}: sigma is not symmetric (max |sigma - sigma^T| = {asym:.3g}, largest entry "
+                         f"{scale:.3g}); not a covariance")
+    sym = (sigma + sigma.T) / 2
+    try:  # PSD up to tol <=> sym + tol I is positive definite: a Cholesky, 10-30x cheaper than the eigenvalues
+        np.linalg.cholesky(sym + 1e-6 * scale * np.eye(width))
+    except np.linalg.LinAlgError:
+        eig = np.linalg.eigvalsh(sym)
+        raise ValueError(f"{source}: sigma is not positive semi-definite (smallest eigenvalue {eig[0]:.3g}, largest "
+                         f"{eig[-1]:.3g}); not a covariance")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision and recall (Kynkaanniemi et al. 2019)
+# ----------------------------------------------------------------------------------------------------------------
+def _sq_dists(a, b):
+    """Squared Euclidean distances (n, m) in float64, clamped at 0 (the expansion can round below it)."""
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * (a @ b.T)).clamp_min_(0)
+
+
+def _knn_radii2(x, k, chunk):
+    """Squared distance of each row to its k-th nearest other row (the row itself, at 0, is the first)."""
+    return torch.cat([_sq_dists(x[i:i + chunk], x).kthvalue(k + 1, dim=1).values for i in range(0, len(x), chunk)])
+
+
+def _covered(query, support, radii2, chunk):
+    """For each query row: within the k-NN ball of some support row (distance <= that row's radius)."""
+    return torch.cat([(_sq_dists(query[i:i + chunk], support) <= radii2[None]).any(1)
+                      for i in range(0, len(query), chunk)])
+
+
+def precision_recall(real, fake, k=3, chunk=1024, device="cpu"):
+    """(precision, recall) of feature sets real (N, F) and fake (M, F): precision is the fraction of fake samples
+    inside the real manifold (the union of balls around each real sample reaching its k-th nearest real
+    neighbour), recall the fraction of real samples inside the fake manifold. Float64 throughout; both sets are
+    centred on the real mean first, which leaves distances unchanged and keeps the |a|^2 + |b|^2 - 2 a.b expansion
+    from cancelling digits."""
+    real = torch.as_tensor(np.asarray(real), dtype=torch.float64, device=device)
+    fake = torch.as_tensor(np.asarray(fake), dtype=torch.float64, device=device)
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision_recall needs features (N, F) and (M, F), got {tuple(real.shape)} and "
+                         f"{tuple(fake.shape)}")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < min(len(real), len(fake)):
+        raise ValueError(f"k={k!r} must be an int with 1 <= k < the number of samples in each set "
+                         f"({len(real)}, {len(fake)})")
+    for name, a in (("real", real), ("fake", fake)):
+        if not torch.isfinite(a).all():
+            raise ValueError(f"precision_recall: the {name} features hold NaN/inf values")
+    center = real.mean(0)
+    real, fake = real - center, fake - center
+    precision = _covered(fake, real, _knn_radii2(real, k, chunk), chunk).double().mean().item()
+    recall = _covered(real, fake, _knn_radii2(fake, k, chunk), chunk).double().mean().item()
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The metric table
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    key: str                            # the key in a result row (eval-<time>.json)
+    header: str                         # the printed table's heading
+    show: Callable[[dict], str]         # row -> the cell text
+    train: Optional[str] = None         # training-time name (<train>_<n>step in metrics.jsonl); None: not logged
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One row of METRICS: compute(outputs, reference, options) -> {column key: value}.
+
+    reads: the feature outputs of the samples it needs ({output: (N, width) float64 numpy}).
+    reference: (output, "stats" | "features") it needs from the reference, or None.
+    """
+    name: str
+    reads: tuple
+    reference: Optional[tuple]
+    compute: Callable
+    columns: tuple
+    doc: str = ""
+
+
+def _fid(outs, ref, opts):
+    mu, sigma = feature_statistics(outs["inception"])
+    return {"fid": frechet_distance(mu, sigma, *ref.stats["inception"])}
+
+
+def _is(outs, ref, opts):
+    mean, std = inception_score(outs["inception_logits"], min(opts.get("is_splits", 10), len(outs["inception_logits"])))
+    return {"is_mean": mean, "is_std": std}
+
+
+def _pr(outs, ref, opts):
+    p, r = precision_recall(ref.features["inception"], outs["inception"], k=opts.get("pr_k", 3),
+                            device=opts.get("device", "cpu"))  # 50K x 50K float64 distances: the GPU when there
+    return {"precision": p, "recall": r}
+
+
+def _fd_dinov2(outs, ref, opts):
+    mu, sigma = feature_statistics(outs["dinov2"])
+    return {"fd_dinov2": frechet_distance(mu, sigma, *ref.stats["dinov2"])}
+
+
+def _num(key, fmt):
+    return lambda row: "-" if row.get(key) is None else format(row[key], fmt)
+
+
+METRICS = {m.name: m for m in (
+    Metric("fid", ("inception",), ("inception", "stats"), _fid,
+           (Column("fid", "FID", _num("fid", ".3f"), "fid"),), "Frechet Inception distance"),
+    Metric("is", ("inception_logits",), None, _is,
+           (Column("is_mean", "IS", lambda r: f"{r['is_mean']:.2f} ± {r['is_std']:.2f}", "is"),), "Inception Score"),
+    Metric("pr", ("inception",), ("inception", "features"), _pr,
+           (Column("precision", "precision", _num("precision", ".4f"), "precision"),
+            Column("recall", "recall", _num("recall", ".4f"), "recall")), "precision / recall, k = 3"),
+    Metric("fd_dinov2", ("dinov2",), ("dinov2", "stats"), _fd_dinov2,
+           (Column("fd_dinov2", "FD_DINOv2", _num("fd_dinov2", ".3f"), "fd_dinov2"),), "Frechet DINOv2 distance"),
+)}
+DEFAULT_METRICS = ("fid", "is")
+
+
+def check_metrics(names) -> tuple:
+    """The metric names as a tuple, each one of METRICS (ValueError otherwise)."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise ValueError(f"metrics={list(names)!r}: each must be one of {tuple(METRICS)}")
+    return names
+
+
+def compute_metrics(names, outs, ref, opts=None) -> dict:
+    """{column key: value} of every metric in `names` on the samples' feature outputs `outs`."""
+    row = {}
+    for name in names:
+        row.update(METRICS[name].compute(outs, ref, opts or {}))
+    return row
+
+
+def metric_columns(names) -> list:
+    return [c for n in names for c in METRICS[n].columns]

@@ -1,4 +1,5 @@
-"""Few-step IMM sampling (spec section 4), numerically the authors' generate_images.py.
+"""Few-step IMM sampling (the IMM paper's Algorithm 2, pushforward and restart), numerically the authors'
+generate_images.py.
 
 The state between steps is kept in float64; network calls run in float32 (or the model's autocast).
 Pushforward: x <- f(x, s = t_{i+1}, t = t_i) along the grid. Restart: x_hat = f(x, eps_t, t_i), then re-noise
@@ -83,19 +84,36 @@ def _pushforward(net, noise, t_steps):
     return x
 
 
+def _restart_noise(x, generator):
+    """Fresh N(0, I) noise like x: torch.randn_like (the authors' order), one generator for the batch, or one
+    generator per sample (row i from generator[i] on the CPU, so a sample does not depend on its batch)."""
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    rows = [torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]
+    return torch.stack(rows).to(x.device)
+
+
 def _restart(net, model, noise, t_steps, generator=None):
     x = noise.to(torch.float64)
     t_steps = t_steps[:-1]
     for i, t_cur in enumerate(t_steps):
         x = net(x, t_cur, torch.ones_like(t_cur) * model.eps).to(torch.float64)
         if i < len(t_steps) - 1:
-            if generator is None:
-                eps = torch.randn_like(x)
-            else:
-                eps = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
             alpha, sigma = sch.alpha_sigma(t_steps[i + 1], model.noise_schedule)
-            x = alpha * x + sigma * (eps * model.sigma_data)
+            x = alpha * x + sigma * (_restart_noise(x, generator) * model.sigma_data)
     return x
+
+
+def _check_generator(generator, n):
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if not isinstance(generator, (list, tuple)) or len(generator) != n \
+            or not all(isinstance(g, torch.Generator) and g.device.type == "cpu" for g in generator):
+        raise TypeError(f"generator must be None, a torch.Generator or a list of {n} CPU generators (one per "
+                        f"sample), got {type(generator).__name__}"
+                        + (f" of length {len(generator)}" if isinstance(generator, (list, tuple)) else ""))
 
 
 def sample(model, noise, steps=1, sampler="pushforward", grid="uniform", class_labels=None, cfg_scale=None,
@@ -104,7 +122,9 @@ def sample(model, noise, steps=1, sampler="pushforward", grid="uniform", class_l
 
     steps: network evaluations (x2 with guidance); ignored when grid is an explicit list of middle eta values.
     sampler: "pushforward" or "restart" (restart draws fresh noise with torch.randn_like, in the authors'
-    order, or from `generator`). class_labels: int ids (N,) with label_dim = null class, or one-hot rows.
+    order, or from `generator`: one torch.Generator, or a list of N CPU generators, sample i's noise from the
+    i-th, so that a sample is a function of its own generator whatever the batch).
+    class_labels: int ids (N,) with label_dim = null class, or one-hot rows.
     cfg_scale: classifier-free guidance weight w (G = G_u + w (G_c - G_u)), None = off.
     The model is used as it is: call model.eval() first for deterministic sampling.
     cuda_graph: None (auto: on for CUDA noise when every submodule is in eval mode), True (CUDA noise and an eval
@@ -124,6 +144,7 @@ def sample(model, noise, steps=1, sampler="pushforward", grid="uniform", class_l
         raise ValueError(f"noise must have shape (N, {', '.join(map(str, expected))}), got {tuple(noise.shape)}")
     if noise.shape[0] == 0:
         raise ValueError("noise holds no samples (N = 0): ask for at least one image")
+    _check_generator(generator, noise.shape[0])
     if cfg_scale is not None and model.label_dim == 0:
         raise ValueError("cfg_scale needs a class-conditional model (label_dim > 0)")
     use_graph = _use_graph(model, noise, cfg_scale, cuda_graph)

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 from ._backend import reference_loss_backend, resolve_fused
+from ._dist import Dist as _Dist, Progress as _Progress, barrier as _barrier, broadcast_object as _broadcast_object
+from ._dist import init_distributed as _init_distributed, resolve_device as _resolve_device
 from ._files import atomic_write_text, image_grid, write_png
 from .checkpoints import (CKPT_PREFIX, NonFiniteError, RunLock, find_checkpoint, list_checkpoints, nonfinite_entries,
                           read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
@@ -63,64 +65,6 @@ class TrainResult:
 
     def __str__(self):
         return f"run folder: {self.run_dir}\nstep: {self.step}\nmetrics: {_dump(self.metrics, indent=1)}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialized_here: bool = False
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    here = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        here = True
-    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), here)
-
-
-def _resolve_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(spec)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={spec!r} but CUDA is not available here; use device=cpu")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    return dev
-
-
-def _broadcast_object(obj, d: _Dist):
-    if d.world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(d: _Dist):
-    if d.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,33 +148,6 @@ class _Logger:
             self.backends.close()
 
 
-class _Progress:
-    def __init__(self, enabled, total, initial):
-        self.bar = None
-        self.enabled = enabled
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, file=sys.stderr)
-            except ImportError:
-                pass
-
-    def update(self, step, info: dict):
-        if not self.enabled:
-            return
-        text = " ".join(f"{k}={v}" for k, v in info.items())
-        if self.bar is not None:
-            self.bar.set_postfix_str(text, refresh=False)
-            self.bar.update(step - self.bar.n)
-        else:
-            print(f"step {step} {text}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Sampling and evaluation during training
 # ----------------------------------------------------------------------------------------------------------------
@@ -270,8 +187,9 @@ def save_sample_grids(run_dir: Path, step: int, ema, ds, cfg: TrainConfig, devic
 def evaluate(ema, ds, cfg: TrainConfig, device, step: int = 0) -> dict:
     """Metrics of the EMA model: digits -> accuracy / FD table; images -> FID / IS (imm_fast.evaluation)."""
     from . import metrics as M
+    from .data import DIGITS_CLASSES, DIGITS_SHAPE
 
-    if cfg.data.source == "digits" and ema.label_dim == 10 and ds.shape == (1, 8, 8):
+    if cfg.data.source == "digits" and ema.label_dim == DIGITS_CLASSES and ds.shape == DIGITS_SHAPE:
         table = M.digits_report(ema, cfg.eval_steps, cfg.sample.cfg_scale or 0.0, cfg.eval_samples, cfg.seed,
                                 cfg.sample.sampler)
         return {"digits": {str(k): v for k, v in table.items()},

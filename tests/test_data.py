@@ -130,3 +130,54 @@ def test_bad_data_config(tmp_path):
         check_compatible(ds, ModelConfig(img_resolution=16, img_channels=1, label_dim=10, patch_size=2))
     with pytest.raises(ValueError, match="label_dim=10"):
         check_compatible(ds, ModelConfig(img_resolution=8, img_channels=1, label_dim=3, patch_size=2))
+
+
+def test_one_pixel_decoder_per_data_kind():
+    from imm_fast import data as D
+
+    x = torch.tensor([[-2.0, -1.0, -0.5, 0.0, 0.3, 0.6667, 1.0, 3.0]]).reshape(1, 1, 2, 4).double()
+    digits = D.to_pixels(x, "digits")
+    assert digits.dtype == torch.uint8
+    assert torch.equal(digits, ((x.float() * 12 + 8) / 16).clamp(0, 1).mul(255).round().to(torch.uint8))
+    assert torch.equal(D.to_pixels(x, "uint8"), ((x.float() + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8))
+    ds = build_dataset(DataConfig(source="digits"))
+    assert torch.equal(ds.to_pixels(ds.get([0, 1])[0]), D.to_pixels(ds.get([0, 1])[0], "digits"))
+    assert D.pixel_kind("digits") == "digits" and D.pixel_kind("cifar10") == D.pixel_kind(None) == "uint8"
+    raw = torch.tensor([0.0, 8.0, 16.0])
+    assert D.digits_to_model(raw).tolist() == pytest.approx([-2 / 3, 0.0, 2 / 3])
+    with pytest.raises(ValueError, match="pixel kind"):
+        D.to_pixels(x, "latents")
+
+
+def _npz_bomb(path, shape, payload=b"\0" * 1000):
+    """An .npz whose member declares `shape` float64 but stores a few bytes (what a zip bomb looks like to a
+    reader before it inflates)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f8", "fortran_order": False, "shape": shape})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x.npy", buf.getvalue() + payload)
+    return path
+
+
+def test_npz_headers_are_checked_before_anything_is_inflated(tmp_path):
+    import time
+
+    from imm_fast.data import check_npz, load_array
+    from imm_fast.errors import DataError
+
+    bomb = _npz_bomb(tmp_path / "bomb.npz", (20000, 20000))
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="zip bomb"):
+        load_array(bomb)
+    assert time.perf_counter() - t0 < 1.0
+    ok = tmp_path / "ok.npz"
+    np.savez_compressed(ok, x=np.random.RandomState(0).randint(0, 256, (4, 3, 8, 8), dtype=np.uint8))
+    assert check_npz(ok)["x"][:2] == ((4, 3, 8, 8), np.dtype(np.uint8))
+    with pytest.raises(DataError, match="more than"):
+        check_npz(ok, caps={"x": 100})
+    (tmp_path / "junk.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(DataError, match="junk.npz"):
+        check_npz(tmp_path / "junk.npz")

@@ -16,9 +16,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+import imm_fast
 from imm_fast import metrics as M
 from imm_fast import evaluation as E
-from imm_fast.inception import InceptionV3, find_weights, inception_outputs, load_inception, resize_like_tf1
+from imm_fast.features import find_inception as find_weights, load_feature_net
+from imm_fast.inception import InceptionV3, load_inception, resize_like_tf1
 
 from _helpers import random_model
 
@@ -217,11 +219,11 @@ def test_statistics_npz_formats_round_trip(tmp_path):
     assert np.array_equal(m4, mu) and np.array_equal(s4, sigma) and info4["format"] == "adm"
     np.savez(tmp_path / "images.npz", arr_0=rng.randint(0, 256, (4, 8, 8, 3), dtype=np.uint8))
     assert E.load_statistics(tmp_path / "images.npz") is None  # images only: statistics get computed
-    assert E.load_reference(tmp_path / "adm.npz")[2]["format"] == "adm"
+    assert E.read_reference(tmp_path / "adm.npz").info["format"] == "adm"
     with pytest.raises(ValueError, match="mu"):
         E.save_statistics(tmp_path / "bad.npz", mu, sigma[:3])
     with pytest.raises(FileNotFoundError, match="ref="):
-        E.load_reference(tmp_path / "missing.npz")
+        E.load_reference(tmp_path / "missing.npz", [])
 
 
 def test_adm_center_crop_and_dataset_sources(tmp_path):
@@ -333,7 +335,7 @@ def test_two_gloo_ranks_make_the_images_of_one_process(model_file, weights, tmp_
     fid = result["results"]["2"]["fid"]
     assert fid > 0 and f"FID {fid}" in p.stdout and result["results"]["2"]["made_now"] == 5
     (cache,) = (tmp_path / "out").glob("eval-cache/*/2step")
-    feats, _ = E._gather_shards(cache, 5, 2)
+    feats = E._gather_shards(cache, 5, 2)["inception"]
     mu_r, s_r, _ = E.load_statistics(tmp_path / "ref.npz")
     assert fid == pytest.approx(_fd_eigh(*M.feature_statistics(feats), mu_r, s_r), rel=1e-6)
 
@@ -368,14 +370,13 @@ def test_evaluate_end_to_end(model_file, weights, tmp_path, capsys):
     assert r["reference"]["path"] == str(ref_file)  # computed once from the images, cached beside the results
     mu_r, s_r, _ = E.load_statistics(ref_file)
     (cache,) = (out / "eval-cache").glob("*/1step")
-    feats, _ = E._gather_shards(cache, 4, 3)
+    feats = E._gather_shards(cache, 4, 3)["inception"]
     mu, s = M.feature_statistics(feats)
     assert s.std() > 1e-3  # the random network's features differ between images
     np.testing.assert_allclose(mu, mu_r, rtol=1e-5, atol=1e-6 * np.abs(mu_r).max())
     np.testing.assert_allclose(s, s_r, rtol=1e-4, atol=1e-5 * np.abs(s_r).max())
     assert abs(row["fid"]) < 1e-5 * np.trace(s_r)
-    net, _ = load_inception(str(weights))
-    alone = inception_outputs(net, x1[3:])[0][0]  # sample 3 by itself
+    alone = load_feature_net("inception", str(weights))(x1[3:])["inception"][0]  # sample 3 by itself
     torch.testing.assert_close(torch.from_numpy(feats[3]).double(), alone, rtol=1e-5, atol=1e-6)
 
 
@@ -398,3 +399,327 @@ def test_train_time_fid(model_file, weights, tmp_path):
         TrainConfig(eval_num=1)
     with pytest.raises(ValueError, match="eval_ref"):
         TrainConfig(eval_ref="")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DINOv2 (FD_DINOv2): a random tiny ViT saved in facebookresearch/dinov2's state-dict format
+# ---------------------------------------------------------------------------------------------------------------
+def _dinov2_keys(depth):
+    block = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+             "ls1.gamma", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+             "mlp.fc2.bias", "ls2.gamma"]
+    return {"cls_token", "pos_embed", "mask_token", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+            "norm.bias"} | {f"blocks.{i}.{k}" for i in range(depth) for k in block}
+
+
+@pytest.fixture(scope="module")
+def dinov2_file(tmp_path_factory):
+    """Random weights of a 2-block, 128-wide DINOv2 ViT/14 with a 4x4 position grid, saved as a torch.save'd state
+    dict under the real file's name (the keys of facebookresearch/dinov2's ViT, checked below)."""
+    from imm_fast.features import DINOv2
+
+    torch.manual_seed(0)
+    net = DINOv2(width=128, depth=2, patch=14, grid=4, mlp_hidden=256)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.2)
+    path = tmp_path_factory.mktemp("dinov2") / "dinov2_vitl14_pretrain.pth"
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _dinov2_reference(sd, images):
+    """The DINOv2 forward written out op by op (explicit softmax attention, functional layer norms), for the test."""
+    import torch.nn.functional as F
+
+    x = F.interpolate(images.double(), size=(224, 224), mode="bicubic", antialias=True) / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).double().view(1, 3, 1, 1)) \
+        / torch.tensor([0.229, 0.224, 0.225]).double().view(1, 3, 1, 1)
+    sd = {k: v.double() for k, v in sd.items()}
+    c = sd["cls_token"].shape[-1]
+    tok = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=14).flatten(2).transpose(1, 2)
+    grid = int(round((sd["pos_embed"].shape[1] - 1) ** 0.5))
+    pos = sd["pos_embed"][:, 1:].reshape(1, grid, grid, c).permute(0, 3, 1, 2)
+    pos = F.interpolate(pos, scale_factor=((16 + 0.1) / grid,) * 2, mode="bicubic").permute(0, 2, 3, 1)
+    tok = torch.cat([sd["cls_token"].expand(len(x), -1, -1), tok], 1)
+    tok = tok + torch.cat([sd["pos_embed"][:, :1], pos.reshape(1, -1, c)], 1)
+    ln = lambda t, p: F.layer_norm(t, (c,), sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)  # noqa: E731
+    for i in range(1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))):
+        b = f"blocks.{i}."
+        h = ln(tok, b + "norm1") @ sd[b + "attn.qkv.weight"].T + sd[b + "attn.qkv.bias"]
+        q, k, v = h.reshape(len(x), -1, 3, c // 64, 64).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8.0, -1) @ v
+        a = a.transpose(1, 2).reshape(len(x), -1, c) @ sd[b + "attn.proj.weight"].T + sd[b + "attn.proj.bias"]
+        tok = tok + a * sd[b + "ls1.gamma"]
+        m = F.gelu(ln(tok, b + "norm2") @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"])
+        tok = tok + (m @ sd[b + "mlp.fc2.weight"].T + sd[b + "mlp.fc2.bias"]) * sd[b + "ls2.gamma"]
+    return ln(tok, "norm")[:, 0]
+
+
+def test_dinov2_features_offline(dinov2_file, tmp_path, monkeypatch):
+    from imm_fast.features import find_dinov2, load_feature_net
+
+    sd = torch.load(dinov2_file, weights_only=True)
+    assert set(sd) == _dinov2_keys(2)
+    net = load_feature_net("dinov2", str(dinov2_file))
+    assert net.name == "dinov2" and net.outputs == {"dinov2": 128} and net.weights == dinov2_file
+    images = torch.randint(0, 256, (3, 3, 32, 48), dtype=torch.uint8)
+    got = net(images)["dinov2"]
+    assert got.dtype == torch.float64 and got.shape == (3, 128) and got.std() > 0.01
+    torch.testing.assert_close(got, _dinov2_reference(sd, images), rtol=1e-4, atol=1e-4)
+    gray = torch.randint(0, 256, (2, 1, 8, 8), dtype=torch.uint8)  # 1 channel: repeated to RGB
+    torch.testing.assert_close(net(gray)["dinov2"], net(gray.expand(-1, 3, -1, -1))["dinov2"])
+    import re
+
+    chunked = {re.sub(r"^blocks\.(\d+)\.", r"blocks.0.\1.", k): v for k, v in sd.items()}  # block_chunks=1 layout
+    torch.save(chunked, tmp_path / "c.pth")
+    torch.testing.assert_close(load_feature_net("dinov2", str(tmp_path / "c.pth"))(images)["dinov2"], got)
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="not a DINOv2"):
+        load_feature_net("dinov2", str(tmp_path / "bad.pth"))
+    monkeypatch.delenv("IMM_FAST_DINOV2", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="--dinov2 PATH.*IMM_FAST_DINOV2.*dinov2_vitl14_pretrain.pth"):
+        find_dinov2()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / "dinov2_vitl14_pretrain.pth").write_bytes(dinov2_file.read_bytes())
+    assert find_dinov2() == tmp_path / "hub" / "checkpoints" / "dinov2_vitl14_pretrain.pth"  # the torch hub cache
+
+
+def test_fd_dinov2_and_precision_recall_are_one_entry_each(model_file, weights, dinov2_file, tmp_path, capsys):
+    """evaluate() with metrics that did not exist before: FD_DINOv2 (no Inception loaded at all) and precision /
+    recall, against references made of the samples themselves (distance ~0, precision = recall = 1)."""
+    from imm_fast.checkpoints import load_official
+
+    x, _ = E.generate(load_official(model_file), np.arange(5), 1, seed=0)
+    np.savez(tmp_path / "ref.npz", arr_0=x.permute(0, 2, 3, 1).numpy())
+    r = E.evaluate(model_file, tmp_path / "ref.npz", num=5, steps=(1,), batch=5, metrics=("fd_dinov2",),
+                   dinov2=str(dinov2_file), out_dir=str(tmp_path / "o1"), progress=False)
+    assert set(r["networks"]) == {"dinov2"} and "| FD_DINOv2 |" in capsys.readouterr().out
+    assert abs(r["results"]["1"]["fd_dinov2"]) < 1e-3 and "fid" not in r["results"]["1"]
+    saved = json.loads(Path(r["json"]).read_text())
+    assert saved["results"]["1"]["fd_dinov2"] == r["results"]["1"]["fd_dinov2"]
+    r = E.evaluate(model_file, tmp_path / "ref.npz", num=5, steps=(1,), batch=5, metrics=("pr",),
+                   inception=str(weights), out_dir=str(tmp_path / "o2"), progress=False)
+    assert (r["results"]["1"]["precision"], r["results"]["1"]["recall"]) == (1.0, 1.0)
+    assert "| precision | recall |" in capsys.readouterr().out
+    E.save_statistics(tmp_path / "stats.npz", np.zeros(2048), np.eye(2048))
+    with pytest.raises(ValueError, match="precision/recall needs reference features"):
+        E.evaluate(model_file, tmp_path / "stats.npz", num=5, steps=(1,), metrics=("pr",), inception=str(weights),
+                   out_dir=str(tmp_path / "o3"), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hostile inputs: references, guidance, non-finite samples, two evaluations at once
+# ---------------------------------------------------------------------------------------------------------------
+def test_reference_is_checked_before_any_sample(model_file, weights, tmp_path, monkeypatch):
+    import zipfile
+
+    def never(*a, **k):
+        raise AssertionError("sampled before the reference was checked")
+
+    monkeypatch.setattr(E, "run_shards", never)
+    monkeypatch.setattr(E, "generate", never)
+    rng = np.random.RandomState(0)
+    mu, sigma = rng.randn(2048) * 0.1, np.cov(rng.randn(10, 2048) * 0.1, rowvar=False)
+    bad_sigma = sigma.copy()
+    bad_sigma[3, 5] = np.inf
+    cases = {"NaN": (mu * np.nan, sigma), "NaN/inf": (mu, bad_sigma), "2048 wide": (mu[:5], sigma[:5, :5]),
+             "not symmetric": (mu, sigma + np.triu(np.full_like(sigma, 0.5), 1)),
+             "not positive semi-definite": (mu, sigma - 0.1 * np.eye(2048))}
+    for i, (match, (m, s)) in enumerate(cases.items()):
+        np.savez(tmp_path / f"r{i}.npz", mu=m, sigma=s)
+        with pytest.raises(ValueError, match=match):
+            E.evaluate(model_file, tmp_path / f"r{i}.npz", num=4, steps=(1,), inception=str(weights),
+                       out_dir=str(tmp_path / "out"), progress=False)
+    import io
+
+    head = io.BytesIO()  # a 3 KB file declaring a 20000 x 20000 float64 sigma (3.2 GB inflated)
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f8", "fortran_order": False, "shape": (20000, 20000)})
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("mu.npy", io.BytesIO(np.save(b := io.BytesIO(), mu) or b.getvalue()).getvalue())
+        zf.writestr("sigma.npy", head.getvalue() + b"\0" * 2000)
+    with pytest.raises(ValueError, match="zip bomb|2048"):
+        E.evaluate(model_file, tmp_path / "bomb.npz", num=4, steps=(1,), inception=str(weights),
+                   out_dir=str(tmp_path / "out"), progress=False)
+    assert not list((tmp_path / "out").glob("eval-*.json"))
+
+
+def test_reference_cache_is_keyed_by_the_source_content(weights, tmp_path):
+    """Replacing the reference images at the same path (same size, same mtime) gives new statistics, not the
+    cached ones of the old file."""
+    from imm_fast.features import load_feature_net
+
+    nets = [load_feature_net("inception", str(weights))]
+    rng = np.random.RandomState(0)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=rng.randint(0, 256, (3, 8, 8, 3), dtype=np.uint8))
+    first = E.load_reference(ref, nets, ("fid",), cache_dir=tmp_path / "cache", progress=False)
+    again = E.load_reference(ref, nets, ("fid",), cache_dir=tmp_path / "cache", progress=False)
+    assert again.info["path"] == first.info["path"] and again.info["path"].startswith(str(tmp_path / "cache"))
+    assert np.array_equal(again.stats["inception"][0], first.stats["inception"][0])
+    st = ref.stat()
+    np.savez(ref, arr_0=rng.randint(0, 256, (3, 8, 8, 3), dtype=np.uint8))  # other images, same size
+    os.utime(ref, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert ref.stat().st_size == st.st_size and ref.stat().st_mtime_ns == st.st_mtime_ns
+    new = E.load_reference(ref, nets, ("fid",), cache_dir=tmp_path / "cache", progress=False)
+    fresh = E.load_reference(ref, nets, ("fid",), cache_dir=None, progress=False)
+    assert not np.allclose(new.stats["inception"][0], first.stats["inception"][0])
+    assert np.array_equal(new.stats["inception"][0], fresh.stats["inception"][0])
+
+
+def test_eval_refuses_nonfinite_guidance(model_file, tmp_path):
+    from imm_fast.__main__ import main
+
+    for w in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="cfg_scale"):
+            E.evaluate(model_file, tmp_path / "ref.npz", num=4, steps=(1,), cfg_scale=w, out_dir=str(tmp_path))
+    assert main(["eval", str(model_file), "--ref", str(tmp_path / "r.npz"), "--cfg-scale", "nan"]) == 2
+
+
+def test_nonfinite_samples_are_never_scored(weights, tmp_path):
+    from imm_fast.checkpoints import save_model
+
+    model = random_model(**TINY)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.dim() > 1).fill_(float("nan"))
+    save_model(tmp_path / "nan.safetensors", model)
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.RandomState(0).randint(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    with pytest.raises(E.NonFiniteSamplesError, match=r"2-step samples 0\.\.1 of .*nan\.safetensors.*cfg_scale=1.5"):
+        E.evaluate(tmp_path / "nan.safetensors", tmp_path / "ref.npz", num=4, steps=(2,), batch=2, cfg_scale=1.5,
+                   metrics=("is",), inception=str(weights), out_dir=str(tmp_path / "out"), progress=False)
+    assert not list((tmp_path / "out").glob("eval-*.json")) and not list((tmp_path / "out").rglob("shard-*"))
+
+
+def test_result_files_are_strict_json_and_never_overwritten(tmp_path):
+    stamp = "20260101-000000"  # two evaluations finishing in the same second
+    a = E._write_record(tmp_path, stamp, {"results": {"1": {"fid": float("nan"), "is_mean": 2.0}}})
+    b = E._write_record(tmp_path, stamp, {"results": {"1": {"fid": 3.0, "is_mean": float("inf")}}})
+    assert a != b and a.name == f"eval-{stamp}.json" and b.name == f"eval-{stamp}-2.json"
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+    ra, rb = strict(a.read_text()), strict(b.read_text())
+    assert ra["results"]["1"]["fid"] is None and "nan" in ra["nonfinite"]["results.1.fid"]
+    assert rb["results"]["1"]["fid"] == 3.0 and "inf" in rb["nonfinite"]["results.1.is_mean"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_two_evaluations_never_delete_each_others_cache(model_file, weights, tmp_path):
+    kw = dict(num=4, steps=(1,), batch=4, shard_size=2, metrics=("is",), inception=str(weights), progress=False,
+              out_dir=str(tmp_path), verbose=False)
+    np.savez(tmp_path / "ref.npz", arr_0=np.random.RandomState(0).randint(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    first = E.evaluate(model_file, tmp_path / "ref.npz", keep_cache=True, **kw)
+    (folder,) = [p for p in (tmp_path / "eval-cache").iterdir() if p.is_dir()]
+    other = tmp_path / "eval-cache" / "0123456789abcdef" / "1step"  # another evaluation's shards
+    other.mkdir(parents=True)
+    (other / "shard-000000.npz").write_bytes(b"x")
+    held = E._CacheLock(folder).__enter__()  # an evaluation of the same settings is running
+    try:
+        with pytest.raises(E.EvalBusyError, match=f"pid {os.getpid()}.*--out-dir"):
+            E.evaluate(model_file, tmp_path / "ref.npz", **kw)
+        assert (folder / "1step" / "shard-000000.npz").is_file()  # its shards are untouched
+    finally:
+        held.__exit__(None, None, None)
+    second = E.evaluate(model_file, tmp_path / "ref.npz", **kw)  # resumes from the shards, then removes them
+    assert second["results"]["1"]["made_now"] == 0 and second["results"]["1"]["is_mean"] == first["results"]["1"][
+        "is_mean"]
+    assert not folder.exists() and (other / "shard-000000.npz").is_file()
+    assert second["json"] != first["json"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Digits without --ref, offline downloads, shared pieces written once
+# ---------------------------------------------------------------------------------------------------------------
+def _digits_checkpoint(folder):
+    from imm_fast.checkpoints import save_model
+
+    torch.manual_seed(0)
+    model = random_model(img_resolution=8, img_channels=1, label_dim=10, patch_size=2, hidden_size=32, depth=1,
+                         num_heads=2)
+    folder.mkdir(parents=True)
+    save_model(folder / "ema.safetensors", model)
+    cfg = {"seed": 0, "eval_samples": 30, "eval_steps": [1, 2], "data": {"source": "digits"},
+           "sample": {"cfg_scale": 2.0, "sampler": "pushforward"}}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return model
+
+
+def test_digits_run_evaluates_without_ref(tmp_path, monkeypatch, capsys):
+    from imm_fast.__main__ import main
+
+    torch.manual_seed(1)
+    clf = M.DigitsClassifier().eval()
+    monkeypatch.setattr(M, "digits_classifier", lambda refresh=False: clf)  # any classifier: the same one both ways
+    ck = tmp_path / "run" / "checkpoints" / "step-0000400"
+    model = _digits_checkpoint(ck)
+    assert E.pixel_kind_of(ck) == "digits" and E.pixel_kind_of(ck / "ema.safetensors") == "digits"
+    r = E.evaluate(ck, None, steps=(1,), num=20, verbose=False)
+    want = M.digits_report(model, (1,), 2.0, 20, 0, "pushforward")
+    assert r["digits"]["1"] == pytest.approx(want[1]) and Path(r["json"]).parent == ck
+    assert main(["eval", str(ck)]) == 0  # the run's own settings: eval_samples 30, eval_steps 1, 2
+    out = capsys.readouterr().out
+    assert "| 2 |" in out and "accuracy (w=2.0)" in out
+    full = M.digits_report(model, (1, 2), 2.0, 30, 0, "pushforward")
+    assert f"{full[2]['fd']:.3f}" in out
+    (tmp_path / "img").mkdir()
+    from imm_fast.checkpoints import save_model
+
+    save_model(tmp_path / "img" / "ema.safetensors", random_model(**TINY))
+    assert main(["eval", str(tmp_path / "img")]) == 2
+    err = capsys.readouterr().err
+    assert "ref is required" in err and "digits run" in err and "--ref" in err
+
+
+def test_inception_download_offline_says_what_to_do(monkeypatch, model_file, tmp_path, capsys):
+    import urllib.error
+
+    from imm_fast.__main__ import main
+
+    def offline(*a, **k):
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="offline.*--inception PATH"):
+        find_weights("download")
+    np.savez(tmp_path / "r.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    assert main(["eval", str(model_file), "--ref", str(tmp_path / "r.npz"), "--inception", "download"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--inception PATH" in err and "urlopen error" not in err
+
+
+def test_shared_pieces_are_written_once(model_file):
+    """One restart sampler (evaluation samples through imm_fast.sample with per-sample generators), one module of
+    rank / device / progress helpers used by training and evaluation."""
+    import inspect
+
+    from imm_fast import _dist, training
+    from imm_fast.checkpoints import load_official
+
+    for name in ("barrier", "broadcast_object", "init_distributed", "resolve_device", "Progress"):
+        assert getattr(_dist, name) in vars(training).values() and getattr(_dist, name) in vars(E).values()
+    assert "alpha_sigma" not in inspect.getsource(E)  # no restart step of its own
+    model = load_official(model_file)
+    px, labels = E.generate(model, np.arange(3), 3, "restart", seed=4)
+    gens = [torch.Generator().manual_seed(4 + i) for i in range(3)]
+    noise = torch.stack([torch.randn(3, 8, 8, generator=g) for g in gens]) * model.sigma_data
+    x = imm_fast.sample(model, noise, 3, "restart", class_labels=labels, generator=gens)
+    assert torch.equal(px, E.decode(model, x))
+
+
+def test_eval_of_a_digits_checkpoint_recomputes_the_training_table(tmp_path, monkeypatch, capsys):
+    """`eval CHECKPOINT` (no --ref) on a trained digits run prints the very table training printed at its end."""
+    pytest.importorskip("sklearn")
+    from imm_fast.__main__ import main
+
+    torch.manual_seed(1)
+    clf = M.DigitsClassifier().eval()  # any fixed classifier (training the real one takes longer)
+    monkeypatch.setattr(M, "digits_classifier", lambda refresh=False: clf)
+    run = imm_fast.train("digits", max_steps=4, batch_size=16, progress=False, out_dir=str(tmp_path), device="cpu",
+                         **{"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "eval_samples": 20,
+                            "eval_steps": [1, 2], "sample.num_images": 10, "sample.steps": [1], "threads": 1})
+    capsys.readouterr()
+    assert main(["eval", str(run.checkpoint)]) == 0
+    assert run.metrics["table"] in capsys.readouterr().out

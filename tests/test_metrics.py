@@ -82,3 +82,80 @@ def test_fid_message_without_inception_weights(monkeypatch, tmp_path):
     assert "FID skipped" in msg
     value, msg2 = M.fid(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     assert value is None and msg2 == msg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Precision / recall, checked statistics, non-finite input, the metric table
+# ---------------------------------------------------------------------------------------------------------------
+def _pr_brute_force(real, fake, k):
+    """Kynkaanniemi et al. 2019 with explicit pairwise differences in numpy float64."""
+    def dist(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+    r_real = np.sort(dist(real, real), axis=1)[:, k]  # column 0 is the point itself
+    r_fake = np.sort(dist(fake, fake), axis=1)[:, k]
+    precision = (dist(fake, real) <= r_real[None, :]).any(1).mean()
+    recall = (dist(real, fake) <= r_fake[None, :]).any(1).mean()
+    return precision, recall
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_brute_force(k):
+    rng = np.random.RandomState(k)
+    real = rng.randn(60, 7) * 2.0 + 100.0  # a large offset: the |a|^2 + |b|^2 - 2ab expansion must not cancel
+    fake = rng.randn(45, 7) * 1.5 + 101.5
+    fake[:5] = real[:5]  # duplicates: distance exactly 0
+    got = M.precision_recall(real, fake, k=k, chunk=16)
+    want = _pr_brute_force(real, fake, k)
+    assert got == pytest.approx(want, abs=0)
+    assert 0 < got[0] < 1 and 0 < got[1] < 1  # neither trivially 0 nor 1 on these sets
+    assert M.precision_recall(real.astype(np.float32), real.astype(np.float32), k=k) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="k="):
+        M.precision_recall(real[:3], fake, k=3)
+    with pytest.raises(ValueError, match="NaN"):
+        M.precision_recall(real, np.where(fake > 101, np.nan, fake), k=k)
+
+
+def test_frechet_distance_refuses_nonfinite_input_at_once():
+    import time
+
+    rng = np.random.RandomState(0)
+    f = rng.randn(100, 300)
+    mu, s = M.feature_statistics(f)
+    for name, args in (("mu2", (mu, s, mu * np.nan, s)), ("sigma2", (mu, s, mu, np.where(s > 0.2, np.inf, s))),
+                       ("sigma1", (mu, np.where(s > 0.2, np.nan, s), mu, s))):
+        t0 = time.perf_counter()
+        with pytest.raises(ValueError, match=name):
+            M.frechet_distance(*args)
+        assert time.perf_counter() - t0 < 1.0
+
+
+def test_check_statistics_refuses_invalid_covariances():
+    rng = np.random.RandomState(1)
+    mu, s = M.feature_statistics(rng.randn(10, 16))  # rank 9 < 16: PSD up to round-off, accepted
+    M.check_statistics(mu, s, 16)
+    cases = {"width 16": (mu[:8], s[:8, :8]), "NaN": (mu * np.nan, s), "NaN/inf": (mu, s + np.inf),
+             "not symmetric": (mu, s + np.triu(np.ones((16, 16)), 1)), "positive semi-definite": (mu, s - np.eye(16))}
+    for match, (m, c) in cases.items():
+        with pytest.raises(ValueError, match=match):
+            M.check_statistics(m, c, 16, "ref")
+
+
+def test_metric_table_is_the_one_place_of_metrics():
+    """Every metric is one entry: its columns, its reads and its reference need; adding one is one entry."""
+    assert set(M.METRICS) >= {"fid", "is", "pr", "fd_dinov2"}
+    assert M.METRICS["pr"].reference == ("inception", "features")
+    assert M.METRICS["fd_dinov2"].reads == ("dinov2",) and M.METRICS["fd_dinov2"].reference == ("dinov2", "stats")
+    assert [c.key for c in M.metric_columns(("fid", "pr"))] == ["fid", "precision", "recall"]
+    with pytest.raises(ValueError, match="one of"):
+        M.check_metrics(["fid", "kid"])
+    rng = np.random.RandomState(2)
+    real, fake = rng.randn(30, 5), rng.randn(20, 5) + 0.3
+
+    class Ref:
+        stats = {"inception": M.feature_statistics(real)}
+        features = {"inception": real}
+
+    row = M.compute_metrics(("fid", "pr"), {"inception": fake}, Ref)
+    assert row["fid"] == pytest.approx(M.frechet_distance_features(fake, real))
+    assert (row["precision"], row["recall"]) == M.precision_recall(real, fake, k=3)

@@ -127,3 +127,21 @@ def test_label_count_and_shape_are_checked(labels, pattern):
 def test_no_images_is_an_error():
     with pytest.raises(ValueError, match="N = 0"):
         imm_fast.sample(model(), torch.randn(0, 2, 8, 8))
+
+
+def test_restart_with_one_generator_per_sample_does_not_depend_on_the_batch():
+    """sample(generator=[g_0, ..., g_{N-1}]): the restart noise of row i comes from g_i alone (what evaluation's
+    per-sample seeds pass in), so a sample is the same in any batch (up to the network's batch-size round-off)."""
+    m = model()
+    z = torch.randn(4, 2, 8, 8) * 0.5
+    lab = torch.tensor([0, 1, 2, 3])
+    gens = lambda rows: [torch.Generator().manual_seed(100 + i) for i in rows]  # noqa: E731
+    whole = imm_fast.sample(m, z, steps=3, sampler="restart", class_labels=lab, generator=gens(range(4)))
+    for i in range(4):
+        alone = imm_fast.sample(m, z[i:i + 1], steps=3, sampler="restart", class_labels=lab[i:i + 1],
+                                generator=gens([i]))
+        torch.testing.assert_close(alone[0], whole[i], rtol=1e-5, atol=1e-6)
+    other = imm_fast.sample(m, z, steps=3, sampler="restart", class_labels=lab, generator=gens(range(1, 5)))
+    assert (other - whole).abs().max() > 1e-2  # the noise really comes from the generators
+    with pytest.raises(TypeError, match="list of 4 CPU generators"):
+        imm_fast.sample(m, z, steps=3, sampler="restart", class_labels=lab, generator=gens(range(3)))
