@@ -633,16 +633,16 @@ def test_two_evaluations_never_delete_each_others_cache(model_file, weights, tmp
 # Digits without --ref, offline downloads, shared pieces written once
 # ---------------------------------------------------------------------------------------------------------------
 def _digits_checkpoint(folder):
-    from imm_fast.checkpoints import save_model
+    """A verified training checkpoint (manifest included) of a tiny digits model at <run>/checkpoints/<folder>."""
+    from imm_fast.checkpoints import save_checkpoint
 
     torch.manual_seed(0)
     model = random_model(img_resolution=8, img_channels=1, label_dim=10, patch_size=2, hidden_size=32, depth=1,
                          num_heads=2)
-    folder.mkdir(parents=True)
-    save_model(folder / "ema.safetensors", model)
     cfg = {"seed": 0, "eval_samples": 30, "eval_steps": [1, 2], "data": {"source": "digits"},
            "sample": {"cfg_scale": 2.0, "sampler": "pushforward"}}
-    (folder / "config.json").write_text(json.dumps(cfg))
+    step = int(folder.name.split("-")[-1])
+    assert save_checkpoint(folder.parent.parent, step, model, model.state_dict(), {}, cfg) == folder
     return model
 
 
