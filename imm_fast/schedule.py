@@ -9,9 +9,9 @@ import math
 
 import torch
 
-from .config import F_TYPES, NOISE_SCHEDULES
-
-SCHEDULES = NOISE_SCHEDULES  # the one list, declared in config.py
+NOISE_SCHEDULES = ("fm", "vp_cosine")             # interpolants: alpha_t, sigma_t below
+F_TYPES = ("euler_fm", "simple_edm", "identity")  # output functions (c_skip_out below, models/imm.py)
+SCHEDULES = NOISE_SCHEDULES
 
 
 def _check(schedule):

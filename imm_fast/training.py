@@ -412,7 +412,7 @@ def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.E
         mcfg = dataclasses.replace(mcfg, mixed_precision=cfg.amp)
     # reference=true outranks model.fused and loss.backend (the precedence: imm_fast._backend.resolve_fused). Only
     # then is fused pinned: otherwise None stays in the model's init kwargs, so a checkpoint picks per device.
-    if cfg.reference:
+    if cfg.reference and "fused" in mcfg.field_names():  # the DiT's switch; UNets have no fused path
         mcfg = dataclasses.replace(mcfg, fused=resolve_fused(mcfg.fused, device, reference=True))
     lcfg = dataclasses.replace(lcfg, backend=reference_loss_backend(lcfg.backend, cfg.reference))
     if device.type == "cuda" and cfg.tf32:
