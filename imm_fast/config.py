@@ -19,22 +19,21 @@ in ops/mmd.py, backbone options in their module); the ones a section owns are de
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
 from . import _backend
-from ._fields import MAX_CONFIG_NODES, Rule, _hints, _validate, check_fields, check_size, check_value, excerpt, spec
+# Also re-exported, so callers of imm_fast.config find the checks and lists they used to find here: Rule,
+# check_fields, check_value, DIT_SIZES, TEMB_TYPES, check_imm_settings, F_TYPES, NOISE_SCHEDULES.
+from ._fields import Rule, _hints, _validate, check_fields, check_size, check_value, excerpt, spec  # noqa: F401
 from .errors import ConfigError, ConfigTypeError
-from .models.dit import DIT_SIZES, dit_config
-from .models.registry import PRECISIONS, TEMB_TYPES, ModelConfig, check_imm_settings
-from .models.registry import names as model_types
-from .models.registry import resolve
+from .models.dit import DIT_SIZES, dit_config  # noqa: F401
+from .models.registry import PRECISIONS, TEMB_TYPES, ModelConfig, check_imm_settings, resolve  # noqa: F401
 from .ops.mmd import KERNELS
-from .schedule import F_TYPES, NOISE_SCHEDULES, eta_bounds
+from .schedule import F_TYPES, NOISE_SCHEDULES, eta_bounds  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------------------
 # Choices of the sections below (a backbone's choices live in its module; these are the ones a config owns or
@@ -224,7 +223,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)      # the dataset
     sample: SampleConfig = field(default_factory=SampleConfig)  # sample grids and evaluation sampling
     log: LogConfig = field(default_factory=LogConfig)         # optional TensorBoard / W&B logging
-    batch_size: int = spec(256, ge=1, cap=COUNT_MAX)  # GLOBAL batch per optimizer step (all ranks, all accumulation steps)
+    batch_size: int = spec(256, ge=1, cap=COUNT_MAX)  # GLOBAL batch per optimizer step (all ranks, all
+                                      # accumulation steps)
     grad_accum: int = spec(1, ge=1, cap=COUNT_MAX)  # micro-batches per optimizer step (per rank)
     max_steps: int = spec(1000, ge=1)  # optimizer steps
     lr: float = spec(1e-4, gt=0, cap=LR_MAX)  # peak learning rate
@@ -232,7 +232,8 @@ class TrainConfig:
     betas: Tuple[float, float] = spec((0.9, 0.999), ge=0, lt=1)  # Adam betas
     weight_decay: float = spec(0.0, ge=0, cap=1e6)  # decoupled weight decay (lr x weight_decay < 1)
     warmup_steps: int = spec(0, ge=0)  # linear learning-rate warmup (steps)
-    grad_clip: float = spec(0.0, ge=0, cap=1e30)  # max global grad norm (0 = no clipping; the norm is logged either way)
+    grad_clip: float = spec(0.0, ge=0, cap=1e30)  # max global grad norm (0 = no clipping; the norm is logged
+                                      # either way)
     max_nonfinite_steps: int = spec(3, ge=1)  # consecutive skipped steps (non-finite loss or grad norm) before the
                                       # run stops with an error
     ema_decay: float = spec(0.9999, ge=0, lt=1)  # EMA of the weights (evaluation only)
@@ -252,8 +253,8 @@ class TrainConfig:
     eval_steps: Tuple[int, ...] = spec((1, 2, 4, 8), ge=1, cap=COUNT_MAX, min_len=1)  # step counts evaluated
     final_eval: bool = True           # compute metrics at the end of training
     # Train-time FID of the EMA model (image data; imm_fast.evaluation.train_time_fid, run at eval_every/the end):
-    eval_num: int = spec(5000, ge=2, cap=COUNT_MAX)  # samples per step count in eval_steps (digits use eval_samples instead; a
-                                      # covariance needs two)
+    eval_num: int = spec(5000, ge=2, cap=COUNT_MAX)  # samples per step count in eval_steps (digits use eval_samples
+                                      # instead; a covariance needs two)
     eval_ref: Optional[str] = spec(None, check=_nonempty)  # reference: statistics .npz (imm_fast/EDM/ADM) or a
                                       # dataset; None = the training images (latents need this set)
     inception: Optional[str] = spec(None, check=_nonempty)  # FID Inception weights file (None = $IMM_FAST_INCEPTION
@@ -512,3 +513,74 @@ def load_train_config(cfg=None, overrides: Optional[dict] = None, source=None) -
 def config_to_dict(cfg) -> dict:
     """A JSON-able nested dict of a config (tuples become lists)."""
     return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Will it fit? Sizes that decide an allocation, against this machine, before step 0
+# ----------------------------------------------------------------------------------------------------------------
+BYTES_PER_PARAM = 20   # float32 weights, gradients, two Adam moments and the EMA copy
+FEATURE_BYTES = 2048 * 8  # one Inception feature vector (float64), kept per evaluated sample
+
+
+def memory_needed(cfg: "TrainConfig", world: int = 1) -> dict:
+    """Lower bounds (bytes) of what a run holds at once on one device, by part: every term counts only tensors the
+    run cannot avoid, so a refusal is never a false alarm."""
+    m = cfg.model
+    pixels = m.img_channels * m.img_resolution ** 2
+    micro = max(1, cfg.batch_size // (cfg.grad_accum * max(1, world)))
+    parts = {
+        f"model state ({m.param_lower_bound():,}+ parameters x {BYTES_PER_PARAM} bytes: weights, gradients, Adam, "
+        "EMA)": BYTES_PER_PARAM * m.param_lower_bound(),
+        f"one micro-batch of {micro:,} (x_t, x_r, student and target outputs, float32)": 4 * 4 * micro * pixels,
+        f"the sample grid of sample.num_images={cfg.sample.num_images:,} (float64)": 8 * cfg.sample.num_images * pixels,
+    }
+    if (cfg.final_eval or cfg.eval_every) and cfg.data.source != "digits":  # digits: a small classifier's features
+        n = min(cfg.eval_num, cfg.eval_samples)
+        parts[f"Inception features of {n:,} evaluated samples"] = FEATURE_BYTES * n
+    return parts
+
+
+def _available_bytes(device) -> Optional[int]:
+    """Free memory of `device` ('cpu', 'cuda', 'cuda:N', a torch.device), or None when it cannot be read."""
+    import os
+
+    name = str(device)
+    if name.startswith("cuda"):
+        try:
+            import torch
+
+            return int(torch.cuda.mem_get_info(torch.device(name))[0])
+        except Exception:  # no CUDA here: nothing to compare with
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg: "TrainConfig", device="cpu", world: int = 1, available: Optional[int] = None) -> None:
+    """Refuse, before step 0, a config whose sizes cannot fit this machine: the memory lower bounds of
+    `memory_needed` against the device's free memory, and `threads` against its CPUs."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if cfg.threads is not None and cfg.threads > 4 * cpus:
+        raise ConfigError(f"threads={cfg.threads} is more than 4 x the {cpus} CPUs of this machine; use at most "
+                          f"{cpus} (or leave it unset)")
+    available = _available_bytes(device) if available is None else available
+    if available is None:
+        return
+    parts = memory_needed(cfg, world)
+    total = sum(parts.values())
+    if total > available:
+        biggest = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+        detail = "; ".join(f"{what}: {n / 2**30:,.2f} GiB" for what, n in biggest)
+        raise ConfigError(f"this config needs at least {total / 2**30:,.2f} GiB on {device} but "
+                          f"{available / 2**30:,.2f} GiB are free ({detail}); lower the sizes named")

@@ -51,7 +51,7 @@ from ._files import atomic_write_text, image_grid, write_png
 from .checkpoint import (CKPT_PREFIX, NonFiniteError, RunLock, _nonfinite_entries, find_checkpoint, list_checkpoints,
                          read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
                          verify_checkpoint)
-from .config import LossConfig, TrainConfig, config_to_dict, load_train_config, read_config_file
+from .config import LossConfig, TrainConfig, check_fits, config_to_dict, load_train_config, read_config_file
 
 
 @dataclass
@@ -668,6 +668,7 @@ def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, *
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_fits(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))  # sizes against this machine, before step 0
     d = _init_distributed(device)
     try:
         with contextlib.ExitStack() as stack:  # the run lock, the logger, the progress bar

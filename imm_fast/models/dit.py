@@ -433,7 +433,8 @@ class DiTConfig(ModelConfig):
                 num_heads = _HEADS[hidden]
             else:
                 raise CheckpointError(f"{src!r}: the number of attention heads of a width-{hidden} DiT cannot be "
-                                      "read from its shapes; pass it: load_official(..., model_kwargs={'num_heads': H})")
+                                      "read from its shapes; pass it: "
+                                      "load_official(..., model_kwargs={'num_heads': H})")
         return dict(img_resolution=grid * patch, img_channels=in_ch, patch_size=patch, hidden_size=hidden,
                     depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, num_classes=rows - 1,
                     label_dim=rows - 1, s_embed="model.s_embedder.mlp.0.weight" in sd, qk_norm=q_norm is not None)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .._fields import _validate, check_fields, excerpt, spec
-from ..errors import CheckpointError, ConfigError, ConfigTypeError
+from ..errors import ConfigError, ConfigTypeError
 from ..schedule import F_TYPES, NOISE_SCHEDULES
 
 PRECISIONS = (None, "bf16", "fp16")               # autocast dtypes (models/imm.py): ModelConfig.mixed_precision
@@ -173,6 +173,13 @@ class ModelConfig(metaclass=_Dispatch):
         """The config of a named size (e.g. DiT's "XL/2"), with other fields as keywords."""
         raise ConfigError(f"model_type={cls.name!r} has no named sizes")
 
+    def param_lower_bound(self) -> int:
+        """At least how many parameters this config's network has, computed without allocating it."""
+        kw = self.backbone_kwargs()
+        n = type(self).min_params({**self.imm_kwargs(), **kw})
+        return n if n is not None else count_on_meta(type(self), self.img_resolution, self.img_channels,
+                                                     self.label_dim, kw)
+
     def imm_kwargs(self) -> dict:
         """The IMM wrapper's constructor keywords (the fields every backbone shares)."""
         base = {f.name for f in dataclasses.fields(ModelConfig)} - {"dropout", "class_dropout_prob", "s_embed"}
@@ -204,6 +211,16 @@ def checked_network_kwargs(cls, kw: dict) -> dict:
     """Stored backbone keywords checked by the section's own field rules where the names agree."""
     known = cls.field_names() - {f.name for f in dataclasses.fields(ModelConfig)} | {"dropout", "s_embed"}
     return {**kw, **check_fields(cls, {k: kw[k] for k in known if k in kw}, prefix="")}
+
+
+def count_on_meta(cls, img_resolution, img_channels, label_dim, backbone_kw: dict) -> int:
+    """Parameters of the network built on the meta device (shapes only, no memory): for backbones without an
+    analytic `min_params`."""
+    import torch
+
+    with torch.device("meta"):
+        net = cls.network(**cls.network_kwargs(img_resolution, img_channels, label_dim, backbone_kw))
+    return sum(p.numel() for p in net.parameters())
 
 
 def declared(cls, kw: dict) -> dict:

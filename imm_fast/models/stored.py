@@ -14,7 +14,7 @@ from .._fields import check_fields, excerpt
 from ..errors import CheckpointError, ConfigError
 from . import registry
 from .imm import IMM, imm_parameters
-from .registry import ModelConfig, constructor_parameters, resolve
+from .registry import ModelConfig, constructor_parameters, count_on_meta, resolve
 
 MAX_KWARGS_DEPTH = 8      # nesting of stored keyword values (the deepest real one, embedding_kwargs, is 2)
 PARAMS_SLACK = 1 << 20    # declared parameters allowed beyond those stored (buffers, bounds that are not exact)
@@ -44,15 +44,8 @@ def _caps(cls, kw: dict, src: str) -> None:
 
 
 def _count_on_meta(cls, kw: dict) -> int:
-    with torch.device("meta"):
-        net = build_network(cls, kw)
-    return sum(p.numel() for p in net.parameters())
-
-
-def build_network(cls, kw: dict):
-    """The backbone of section `cls` from stored IMM keywords `kw` (wrapper keywords are set aside)."""
     own = {k: v for k, v in kw.items() if k not in imm_parameters()}
-    return cls.network(**cls.network_kwargs(kw["img_resolution"], kw["img_channels"], kw.get("label_dim", 0), own))
+    return count_on_meta(cls, kw["img_resolution"], kw["img_channels"], kw.get("label_dim", 0), own)
 
 
 def check_stored_kwargs(kwargs: dict, source="the checkpoint", state_dict=None) -> None:
