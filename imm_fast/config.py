@@ -31,7 +31,8 @@ from . import _backend
 from ._fields import Rule, _hints, _validate, check_fields, check_size, check_value, excerpt, spec  # noqa: F401
 from .errors import ConfigError, ConfigTypeError
 from .models.dit import DIT_SIZES, dit_config  # noqa: F401
-from .models.registry import PRECISIONS, TEMB_TYPES, ModelConfig, check_imm_settings, resolve  # noqa: F401
+from .models.registry import (PRECISIONS, TEMB_TYPES, ModelConfig, check_imm_settings,  # noqa: F401
+                              other_backbones_fields, resolve)
 from .ops.mmd import KERNELS
 from .schedule import F_TYPES, NOISE_SCHEDULES, eta_bounds  # noqa: F401
 
@@ -420,8 +421,8 @@ def _drop_other_backbones(cfg: "TrainConfig", flat: dict) -> dict:
         target, _ = resolve(model_type, "model.model_type")
     except ConfigError:
         return flat  # the type check names it
-    return {k: v for k, v in flat.items() if not k.startswith("model.") or k[len("model."):] in
-            target.field_names()}
+    others = {f"model.{name}" for name in other_backbones_fields(target)}
+    return {k: v for k, v in flat.items() if k not in others}
 
 
 def _apply(cfg: "TrainConfig", flat: dict) -> "TrainConfig":

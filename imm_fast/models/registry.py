@@ -66,6 +66,11 @@ def resolve(model_type, key: str = "model_type"):
     raise ConfigError(f"{key}={excerpt(model_type)} is not one of {names()}{extra}")
 
 
+def other_backbones_fields(target) -> set:
+    """Field names of the other registered backbones that `target` (a section class) does not have."""
+    return set().union(*(c.field_names() for c in _BACKBONES.values())) - target.field_names()
+
+
 def _model_type_of(v) -> Optional[str]:
     return None if v in _BACKBONES else f"is not one of {names()}"
 
@@ -84,7 +89,7 @@ class _Dispatch(type):
             if sizes:
                 raise ConfigError(f"model.model_type={kw['model_type']!r} is a checkpoint alias; use "
                                   f"model_type={target.name!r} with its size fields")
-            others = set().union(*(c.field_names() for c in _BACKBONES.values())) - target.field_names()
+            others = other_backbones_fields(target)
             kw = {k: v for k, v in kw.items() if k not in others}
             cls = target
         unknown = sorted(set(kw) - cls.field_names())
