@@ -101,6 +101,9 @@ class _Dispatch(type):
 
 @dataclass(frozen=True)
 class ModelConfig(metaclass=_Dispatch):
+    """The model section: the IMM wrapper's fields, shared by every backbone, which extends it with its own.
+    `ModelConfig(model_type=..., ...)` builds the registered section of that backbone (see the module doc)."""
+
     _section = "model"  # the dotted prefix of this section's keys in a TrainConfig
     name = None         # model_type of a registered section (the authors' class name)
     network = None      # its nn.Module class
@@ -214,7 +217,8 @@ def constructor_parameters(model_type) -> set:
 
 def checked_network_kwargs(cls, kw: dict) -> dict:
     """Stored backbone keywords checked by the section's own field rules where the names agree."""
-    known = cls.field_names() - {f.name for f in dataclasses.fields(ModelConfig)} | {"dropout", "s_embed"}
+    shared = {"dropout", "s_embed", "class_dropout_prob"}  # base fields that are also backbone keywords
+    known = cls.field_names() - {f.name for f in dataclasses.fields(ModelConfig)} | shared
     return {**kw, **check_fields(cls, {k: kw[k] for k in known if k in kw}, prefix="")}
 
 
