@@ -45,7 +45,7 @@ def check_size(value, what: str, cap: int = MAX_CONFIG_NODES) -> None:
             continue
         seen += len(v)
         if seen > cap:
-            raise ConfigError(f"{what} holds more than {cap:,} values (nested YAML aliases?); refused")
+            raise ConfigError(f"{what}: more than {cap:,} values (nested YAML aliases?); refused")
 
 
 @dataclass(frozen=True)
