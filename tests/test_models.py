@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
+from imm_fast._fields import spec
 from imm_fast.config import ModelConfig, dit_config
-from imm_fast.models import IMM
+from imm_fast.models import IMM, registry
 
 from _helpers import random_model
 
@@ -164,11 +167,6 @@ def test_fused_dit_with_triton_kernels_matches_reference(monkeypatch, qk_norm):
 # ---------------------------------------------------------------------------------------------------------------
 # The backbone registry: a new backbone is one module (here: the class pair below) and resolves everywhere
 # ---------------------------------------------------------------------------------------------------------------
-import dataclasses  # noqa: E402
-
-from imm_fast._fields import spec  # noqa: E402
-from imm_fast.models import registry  # noqa: E402
-
 
 class ToyNet(torch.nn.Module):
     """G(x, t, s) = conv(silu(conv(x) + pos + emb(t, s))): the smallest network with the backbone interface."""
