@@ -1,7 +1,9 @@
 """Typed configuration of imm_fast: model, loss, data, training, sampling, and the named presets.
 
-Every field has a trailing comment (meaning, unit). Values marked *(config)* in the spec live here with the
-spec's defaults. Configs are frozen; derive variants with `dataclasses.replace` or `with_overrides`.
+Every field has a trailing comment (meaning, unit). Configs are frozen; derive variants with `dataclasses.replace`
+or `with_overrides` (which also switches the model section to another backbone). The model section is the
+backbone's own (imm_fast.models: `ModelConfig(model_type="SongUNet", ...)` builds a SongUNetConfig), so a config
+holds, prints and checks only the fields of the backbone it names.
 
 Every field is checked when a config is built, so a typo fails before step 0: its type comes from the annotation
 (bools are bools, ints are not floats, numbers are finite, tuples have their length; lists become tuples and ints
@@ -10,39 +12,35 @@ become floats where a float is declared), its range and choices from `spec(defau
 allowed, e.g. "sample.sampler='restrat' is not one of ('pushforward', 'restart')". Adding a checked field is one
 line: `my_field: int = spec(4, ge=1)   # meaning (unit)`.
 
-The lists of choices below are declared once; the code that implements each choice imports its list from here.
+Each list of choices is declared once, next to the code that implements it (schedules in schedule.py, MMD kernels
+in ops/mmd.py, backbone options in their module); the ones a section owns are declared here.
+`check_fits(cfg, device)` compares the memory a run will need with what the device has, before step 0.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Optional, Tuple, Union
 
+from . import _backend
+# Also re-exported, so callers of imm_fast.config find the checks and lists they used to find here: Rule,
+# check_fields, check_value, DIT_SIZES, TEMB_TYPES, check_imm_settings, F_TYPES, NOISE_SCHEDULES.
+from ._fields import Rule, _hints, _validate, check_fields, check_size, check_value, excerpt, spec  # noqa: F401
 from .errors import ConfigError, ConfigTypeError
+from .models.dit import DIT_SIZES, dit_config  # noqa: F401
+from .models.registry import (PRECISIONS, TEMB_TYPES, ModelConfig, check_imm_settings,  # noqa: F401
+                              other_backbones_fields, resolve)
+from .ops.mmd import KERNELS
+from .schedule import F_TYPES, NOISE_SCHEDULES, eta_bounds  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------------------
-# Choices (one list each, used by the configs and by the code that implements them)
+# Choices of the sections below (a backbone's choices live in its module; these are the ones a config owns or
+# shares with the module that implements them)
 # ----------------------------------------------------------------------------------------------------------------
-DIT_SIZES = {  # name -> (hidden_size, depth, num_heads), as in the DiT paper
-    "S": (384, 12, 6),
-    "B": (768, 12, 12),
-    "L": (1024, 24, 16),
-    "XL": (1152, 28, 16),
-}
-MODEL_TYPES = ("DiT", "SongUNet", "DhariwalUNet")  # backbones, as the authors name their classes (models/)
-NOISE_SCHEDULES = ("fm", "vp_cosine")             # interpolants (schedule.py)
-F_TYPES = ("euler_fm", "simple_edm", "identity")  # output functions (models/imm.py, schedule.c_skip_out)
-TEMB_TYPES = ("identity", "stride")               # second time input of the backbone: s or t - s
-EMBEDDING_TYPES = ("positional", "fourier")       # time features of the backbone
-ENCODER_TYPES = ("standard", "skip", "residual")  # SongUNet encoders (DDPM++: standard; NCSN++: residual)
-DECODER_TYPES = ("standard", "skip")              # SongUNet decoders
-PRECISIONS = (None, "bf16", "fp16")               # autocast dtypes: ModelConfig.mixed_precision, TrainConfig.amp
 TS_DISTS = ("uniform", "lognormal")               # (s, t) distributions of the loss
-KERNELS = ("laplace", "rbf")                      # MMD kernels
 TARGET_LABELS = ("clean", "dropped")              # labels of the target pass
 WEIGHT_EXPONENTS = (1, 2)                         # a in alpha_t^a
 SAMPLERS = ("pushforward", "restart")             # sampling.py
@@ -53,187 +51,29 @@ OPTIMIZERS = ("adamw", "radam")
 COMPILE_MODES = (None, "regional", "full")        # torch.compile of the backbone
 DEVICES = ("auto", "cpu", "cuda", "cuda:<index>")
 SEED_MAX = 2**32 - 1                              # numpy's seed range
+COUNT_MAX = 2**30            # any count (batch, images, samples, steps per sample): a sanity bound, far above memory
+K_MAX = 52                   # loss.k: past float64's 52-bit mantissa, delta = (eta_max - eta_min) / 2^k vanishes
+THREADS_MAX = 4096           # torch.set_num_threads (check_fits also compares with this machine's CPUs)
+LR_MAX = 1e3                 # Adam moves each weight by about lr per step; far past any useful value, and far below
+                             # where torch's Adam step size lr / (1 - beta1^t) overflows float32 (3.4e38)
 
 
 def _mmd_backends():
-    from . import _backend
-    from .ops import mmd  # noqa: F401  (looked up when a backend is named: registers mmd's backends)
-
-    return _backend.names("mmd")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Declarative field checks
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Rule:
-    """What a field allows beyond its annotated type. Ranges apply to every number (each entry of a tuple);
-    choices to a single value (a callable returning the tuple is looked up when checked); `check(value)` returns
-    a problem ("must ...") or None."""
-
-    choices: Any = None
-    ge: Optional[float] = None
-    gt: Optional[float] = None
-    le: Optional[float] = None
-    lt: Optional[float] = None
-    min_len: Optional[int] = None
-    check: Optional[Callable[[Any], Optional[str]]] = None
-
-    def range_text(self) -> str:
-        lo = f"[{self.ge}" if self.ge is not None else f"({self.gt}" if self.gt is not None else None
-        hi = f"{self.le}]" if self.le is not None else f"{self.lt})" if self.lt is not None else None
-        if lo and hi:
-            return f"in {lo}, {hi}"
-        if lo:
-            return (">= " if lo[0] == "[" else "> ") + lo[1:]
-        if hi:
-            return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
-        return ""
-
-    def in_range(self, v) -> bool:
-        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
-                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
-
-
-def spec(default, *, choices=None, ge=None, gt=None, le=None, lt=None, min_len=None, check=None):
-    """A dataclass field with its checks: `depth: int = spec(28, ge=1)  # number of DiT blocks`."""
-    rule = Rule(choices=choices, ge=ge, gt=gt, le=le, lt=lt, min_len=min_len, check=check)
-    return field(default=default, metadata={"rule": rule})
-
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _key(cls, name: str, prefix: Optional[str] = None) -> str:
-    prefix = getattr(cls, "_section", "") if prefix is None else prefix
-    return f"{prefix}.{name}" if prefix else name
-
-
-_NOUNS = {bool: ("true or false", "booleans"), int: ("an int", "ints"), float: ("a number", "numbers"),
-          str: ("a string", "strings")}
-
-
-def _describe(hint, plural=False) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is type(None):
-        return "None"
-    if origin is Union:
-        return " or ".join(_describe(a, plural) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0], True)}"
-        if len(set(args)) == 1:
-            return f"a list of {len(args)} {_describe(args[0], True)}"
-        return f"a list of {len(args)} values ({', '.join(_describe(a) for a in args)})"
-    if hint in _NOUNS:
-        return _NOUNS[hint][plural]
-    name = getattr(hint, "__name__", str(hint))
-    if dataclasses.is_dataclass(hint):
-        return f"{name}s" if plural else f"a {name} (a mapping of its keys)"
-    return name
-
-
-def _match(v, hint):
-    """(True, v normalized) if v has the type `hint` (lists -> tuples, ints -> floats), else (False, None)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return True, v
-    if hint is type(None):
-        return v is None, v
-    if origin is Union:
-        for a in args:
-            ok, out = _match(v, a)
-            if ok:
-                return True, out
-        return False, None
-    if origin is tuple:
-        if not isinstance(v, (tuple, list)):
-            return False, None
-        if len(args) == 2 and args[1] is Ellipsis:
-            args = (args[0],) * len(v)
-        elif len(v) != len(args):
-            return False, None
-        out = []
-        for x, a in zip(v, args):
-            ok, y = _match(x, a)
-            if not ok:
-                return False, None
-            out.append(y)
-        return True, tuple(out)
-    if hint is bool:
-        return isinstance(v, bool), v
-    if hint is int:
-        return isinstance(v, int) and not isinstance(v, bool), v
-    if hint is float:
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        return ok, (float(v) if ok else None)
-    return isinstance(v, hint), v
-
-
-def check_value(key: str, value, hint, rule: Optional[Rule] = None):
-    """`value` normalized to `hint`, or a ConfigError naming `key`, the value and what is allowed."""
-    ok, value_n = _match(value, hint)
-    if not ok:
-        raise ConfigTypeError(f"{key}={value!r} must be {_describe(hint)}, got {type(value).__name__}")
-    value = value_n
-    if value is None:
-        return value
-    rule = rule or Rule()
-    if rule.choices is not None and not isinstance(value, tuple):
-        allowed = tuple(rule.choices() if callable(rule.choices) else rule.choices)
-        if value not in allowed:
-            others = [a for a in typing.get_args(hint) if not isinstance(value, typing.get_origin(a) or a)
-                      and not (a is type(None) and None in allowed)]
-            extra = f" (or {' or '.join(map(_describe, others))})" if others else ""
-            raise ConfigError(f"{key}={value!r} is not one of {allowed}{extra}")
-    if isinstance(value, tuple) and rule.min_len is not None and len(value) < rule.min_len:
-        raise ConfigError(f"{key}={list(value)!r} must hold at least {rule.min_len} value(s)")
-    leaves = value if isinstance(value, tuple) else (value,)
-    for v in leaves:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
-        what = rule.range_text()
-        entry = f"every entry of {key} must be" if isinstance(value, tuple) else "must be"
-        shown = list(value) if isinstance(value, tuple) else value
-        if isinstance(v, float) and not math.isfinite(v):
-            raise ConfigError(f"{key}={shown!r}: {entry} a finite number" + (f" {what}" if what else ""))
-        if not rule.in_range(v):
-            raise ConfigError(f"{key}={shown!r} is out of range: {entry} {what}")
-    if rule.check is not None:
-        problem = rule.check(value)
-        if problem:
-            raise ConfigError(f"{key}={list(value) if isinstance(value, tuple) else value!r} {problem}")
-    return value
-
-
-def check_fields(cls, values: dict, prefix: Optional[str] = None) -> dict:
-    """`values` (a subset of cls's fields) checked by cls's rules and normalized; keys named with `prefix`
-    (default: the class's section, e.g. "model"). Models built from stored kwargs use this too."""
-    hints, fields = _hints(cls), {f.name: f for f in dataclasses.fields(cls)}
-    return {name: check_value(_key(cls, name, prefix), v, hints[name], fields[name].metadata.get("rule"))
-            if name in fields else v for name, v in values.items()}
-
-
-def _validate(obj) -> None:
-    """Check (and normalize in place) every field of a frozen config dataclass."""
-    cls = type(obj)
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        value = getattr(obj, f.name)
-        new = check_value(_key(cls, f.name), value, hints[f.name], f.metadata.get("rule"))
-        if new is not value:
-            object.__setattr__(obj, f.name, new)
+    return _backend.names("mmd")  # looked up when checked: ops.mmd (imported above) registered them
 
 
 def _nonempty(v) -> Optional[str]:
     return None if v.strip() else "must not be empty"
 
 
+MAX_NAME_LEN = 200  # characters of a run or run-family name (a folder name, with a timestamp added)
+
+
 def _plain_name(v) -> Optional[str]:
-    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v:
+    if not v.strip() or v in (".", "..") or "/" in v or "\\" in v or "\0" in v:
         return "must be a plain folder name (no '/', not '.' or '..')"
+    if len(v) > MAX_NAME_LEN:
+        return f"must be a plain folder name of at most {MAX_NAME_LEN} characters"
     return None
 
 
@@ -255,114 +95,18 @@ def _grid(v) -> Optional[str]:
     return eta_grid_problem(v) if isinstance(v, tuple) else None
 
 
-def check_imm_settings(v: dict, prefix: str = "") -> None:
-    """Rules between the IMM wrapper's settings (a dict with f_type, noise_schedule, eps, T), shared by ModelConfig
-    and the IMM model built from stored kwargs."""
-    k = (lambda name: f"{prefix}.{name}" if prefix else name)
-    if v["f_type"] == "euler_fm" and v["noise_schedule"] != "fm":
-        raise ConfigError(f"{k('f_type')}='euler_fm' needs {k('noise_schedule')}='fm', got {v['noise_schedule']!r}")
-    if not v["eps"] < v["T"]:
-        raise ConfigError(f"{k('eps')}={v['eps']!r} must be < {k('T')}={v['T']!r} (times run from T down to eps)")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Model, loss and sampling
+# Loss and sampling (the model section, ModelConfig, is each backbone's own: imm_fast.models.registry)
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelConfig:
-    _section = "model"  # the dotted prefix of this section's keys in a TrainConfig
-
-    img_resolution: int = spec(32, ge=1)   # input side length (pixels or latent cells)
-    img_channels: int = spec(4, ge=1)      # input channels (4 for SD-VAE latents, 3 for RGB)
-    label_dim: int = spec(1000, ge=0)      # number of classes; 0 = unconditional
-    model_type: str = spec("DiT", choices=MODEL_TYPES)  # backbone, the authors' class name: "DiT", "SongUNet"
-                                           # (DDPM++/NCSN++) or "DhariwalUNet" (ADM); the DiT fields: "DiT" only
-    patch_size: int = spec(2, ge=1)        # DiT patch side
-    hidden_size: int = spec(1152, ge=1)    # DiT width C
-    depth: int = spec(28, ge=1)            # number of DiT blocks
-    num_heads: int = spec(16, ge=1)        # attention heads H (head dim = hidden_size / num_heads)
-    mlp_ratio: float = spec(4.0, gt=0)     # MLP hidden width / hidden_size
-    qk_norm: bool = False                  # LayerNorm on q and k (timm's qk_norm)
-    dropout: float = spec(0.0, ge=0, lt=1)  # dropout in the DiT MLP / UNet blocks (shared by student and target
-                                           # through the RNG state)
-    class_dropout_prob: float = spec(0.0, ge=0, lt=1)  # label dropout inside the backbone (kept 0: IMM drops
-                                           # labels in the loss)
-    s_embed: bool = True                   # second time embedder (s or t-s)
-    embedding_type: str = spec("positional", choices=EMBEDDING_TYPES)  # time features: sinusoidal or Fourier
-    noise_schedule: str = spec("fm", choices=NOISE_SCHEDULES)  # interpolant: "fm" (OT-FM) or "vp_cosine"
-    f_type: str = spec("euler_fm", choices=F_TYPES)  # output function: "euler_fm", "simple_edm" or "identity"
-    temb_type: str = spec("stride", choices=TEMB_TYPES)  # second time input: "identity" -> s, "stride" -> t - s
-    time_scale: float = spec(1000.0, gt=0)  # time inputs are multiplied by this
-    sigma_data: float = spec(0.5, gt=0)    # data std sigma_d; prior noise is N(0, sigma_d^2 I)
-    T: float = spec(0.994, gt=0, le=1)     # largest time
-    eps: float = spec(0.0, ge=0, lt=1)     # smallest time eps_t (< T)
-    mixed_precision: Optional[str] = spec(None, choices=PRECISIONS)  # network autocast on CUDA: None, bf16, fp16
-    fused: Optional[bool] = None           # fused kernels in the DiT: None = auto (CUDA with triton), True, False
-    # UNet fields ("SongUNet"/"DhariwalUNet"; the authors' names and their CIFAR-10 DDPM++ values as defaults).
-    # dropout, s_embed, embedding_type and class_dropout_prob (-> the UNet's label_dropout) are shared with the DiT.
-    model_channels: int = spec(128, ge=1)  # base width (channels at multiplier 1)
-    channel_mult: Tuple[int, ...] = spec((2, 2, 2), ge=1, min_len=1)  # width multiplier per resolution level (one
-                                           # 2x downsample per level)
-    channel_mult_emb: int = spec(4, ge=1)  # embedding width = model_channels x this
-    channel_mult_noise: int = spec(1, ge=1)  # SongUNet time-feature width = model_channels x this (2 for NCSN++)
-    num_blocks: int = spec(4, ge=1)        # residual blocks per level
-    attn_resolutions: Tuple[int, ...] = spec((16,), ge=1)  # resolutions (pixels) with self-attention
-    encoder_type: str = spec("standard", choices=ENCODER_TYPES)  # SongUNet encoder: "standard" (DDPM++), "skip" or
-                                           # "residual" (NCSN++)
-    decoder_type: str = spec("standard", choices=DECODER_TYPES)  # SongUNet decoder: "standard" or "skip"
-    resample_filter: Tuple[int, ...] = spec((1, 1), ge=1, min_len=1)  # SongUNet up/down FIR: (1, 1) DDPM++,
-                                           # (1, 3, 3, 1) NCSN++
-    channels_last: bool = True             # UNet activations and conv weights channels_last on CUDA (layout only)
-
-    def __post_init__(self):
-        _validate(self)
-        check_imm_settings(dataclasses.asdict(self), self._section)
-        if self.model_type != "DiT":
-            self._check_unet()
-        elif self.hidden_size % self.num_heads:
-            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
-                              f"model.num_heads={self.num_heads}")
-        elif self.img_resolution % self.patch_size:
-            raise ConfigError(f"model.img_resolution={self.img_resolution} must be divisible by "
-                              f"model.patch_size={self.patch_size}")
-
-    def _check_unet(self):
-        """Rules between the UNet fields (types, ranges and choices are the fields' own specs)."""
-        levels = 1 << (len(self.channel_mult) - 1)
-        if self.img_resolution % levels:
-            raise ConfigError(f"model.img_resolution={self.img_resolution} must be divisible by 2^(len(model."
-                              f"channel_mult) - 1) = {levels}")
-        ks = {1, *self.channel_mult}
-        for c in sorted({self.model_channels * k for k in ks | {a + b for a in ks for b in ks}}):
-            if c < 4 or c % min(32, c // 4):  # the UNet's GroupNorm uses min(32, C // 4) groups
-                raise ConfigError(f"model.model_channels={self.model_channels} with model.channel_mult="
-                                  f"{list(self.channel_mult)} gives a {c}-channel layer that GroupNorm(min(32, C // 4) "
-                                  "groups) cannot split evenly")
-        if self.model_type == "DhariwalUNet" and self.embedding_type != "positional":
-            raise ConfigError(f"model.embedding_type={self.embedding_type!r}: model_type='DhariwalUNet' has "
-                              "positional time features only")
-
-
-def dit_config(name: str, **kw) -> ModelConfig:
-    """ModelConfig for a named DiT size, e.g. "XL/2", "B/4", "S/8"."""
-    try:
-        size, patch = name.split("/")
-        hidden, depth, heads = DIT_SIZES[size]
-        patch = int(patch)
-    except (ValueError, KeyError):
-        raise ConfigError(f"DiT name {name!r} must be one of S|B|L|XL + /2|/4|/8, e.g. 'XL/2'") from None
-    return ModelConfig(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, **kw)
-
-
 @dataclass(frozen=True)
 class LossConfig:
     _section = "loss"
 
-    group_size: int = spec(4, ge=1)        # particles per group M (batch = groups x M)
+    group_size: int = spec(4, ge=1, cap=COUNT_MAX)  # particles per group M (batch = groups x M)
     ts_dist: str = spec("uniform", choices=TS_DISTS)  # (s, t) distribution: "uniform" or "lognormal"
     lognormal_mean: float = -1.1           # mean of log eta_t (lognormal)
     lognormal_std: float = spec(2.0, gt=0)  # std of log eta_t (lognormal)
-    k: int = spec(12, ge=0)                # r(s,t) step: delta = (eta_max - eta_min) / 2^k
+    k: int = spec(12, ge=0, cap=K_MAX)      # r(s,t) step: delta = (eta_max - eta_min) / 2^k
     a: int = spec(2, choices=WEIGHT_EXPONENTS)  # weighting exponent a in alpha_t^a (1 or 2)
     b: float = 4.0                         # weighting shift b in sigmoid(b - lambda_t)
     kernel: str = spec("laplace", choices=KERNELS)  # MMD kernel: "laplace" or "rbf"
@@ -380,12 +124,12 @@ class LossConfig:
 class SampleConfig:
     _section = "sample"
 
-    steps: Tuple[int, ...] = spec((1, 2, 4, 8), ge=1, min_len=1)  # step counts to sample at
+    steps: Tuple[int, ...] = spec((1, 2, 4, 8), ge=1, cap=COUNT_MAX, min_len=1)  # step counts to sample at
     sampler: str = spec("pushforward", choices=SAMPLERS)  # "pushforward" or "restart"
     grid: Union[str, Tuple[float, ...]] = spec("uniform", choices=GRIDS, gt=0, min_len=1, check=_grid)
                                            # "uniform", "edm" or middle eta values (decreasing, in the model's range)
     cfg_scale: Optional[float] = spec(None, ge=0)  # classifier-free guidance weight w (None = off)
-    num_images: int = spec(64, ge=1)       # images per grid
+    num_images: int = spec(64, ge=1, cap=COUNT_MAX)  # images per grid
 
     def __post_init__(self):
         _validate(self)
@@ -407,22 +151,41 @@ def with_overrides(cfg, overrides: dict, _prefix: str = ""):
     """A copy of a (nested) dataclass config with dotted-key overrides, e.g. {"model.depth": 4}."""
     if not overrides:
         return cfg
+    if isinstance(cfg, ModelConfig) and overrides.get("model_type", cfg.model_type) != cfg.model_type:
+        return _switch_backbone(cfg, overrides)
     nested = {}
     flat = {}
     names = {f.name for f in dataclasses.fields(cfg)}
     for key, value in overrides.items():
         head, _, rest = key.partition(".")
         if head not in names:
-            raise ConfigError(f"unknown config key {_prefix + key!r} for {type(cfg).__name__}; known: {sorted(names)}")
+            raise ConfigError(f"unknown config key {excerpt(_prefix + key)} for {type(cfg).__name__}; known: "
+                              f"{sorted(names)}")
         if rest:
             if not dataclasses.is_dataclass(getattr(cfg, head)):
-                raise ConfigError(f"unknown config key {_prefix + key!r}: {_prefix + head} is a value, not a section")
+                raise ConfigError(f"unknown config key {excerpt(_prefix + key)}: {excerpt(_prefix + head)} is a value, "
+                                  "not a section")
             nested.setdefault(head, {})[rest] = value
         else:
             flat[head] = value
     for head, sub in nested.items():
         flat[head] = with_overrides(getattr(cfg, head), sub, f"{_prefix}{head}.")
     return dataclasses.replace(cfg, **flat)
+
+
+def _switch_backbone(cfg: ModelConfig, overrides: dict) -> ModelConfig:
+    """The section of another backbone: the fields it shares with `cfg` carried over, then `overrides`; a key the
+    new backbone does not have is refused."""
+    target, sizes = resolve(overrides["model_type"], "model.model_type")
+    if sizes:
+        raise ConfigError(f"model.model_type={overrides['model_type']!r} is a checkpoint alias; use "
+                          f"model_type={target.name!r} with its size fields")
+    unknown = sorted(set(overrides) - target.field_names())
+    if unknown:
+        raise ConfigError(f"unknown config key {excerpt('model.' + unknown[0])} for model_type="
+                          f"{target.name!r}; its keys: {sorted(target.field_names())}")
+    kept = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in target.field_names()}
+    return ModelConfig(**{**kept, **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -455,21 +218,23 @@ class DataConfig:
 class TrainConfig:
     _section = ""
 
-    name: str = spec("digits", check=_nonempty)  # preset / run family name (run folders are <out_dir>/<name>-<time>)
+    name: str = spec("digits", check=_plain_name)  # preset / run family name (run folders are <out_dir>/<name>-<time>)
     model: ModelConfig = field(default_factory=ModelConfig)   # network + IMM output function
     loss: LossConfig = field(default_factory=LossConfig)      # the IMM objective
     data: DataConfig = field(default_factory=DataConfig)      # the dataset
     sample: SampleConfig = field(default_factory=SampleConfig)  # sample grids and evaluation sampling
     log: LogConfig = field(default_factory=LogConfig)         # optional TensorBoard / W&B logging
-    batch_size: int = spec(256, ge=1)  # GLOBAL batch per optimizer step (all ranks, all accumulation steps)
-    grad_accum: int = spec(1, ge=1)   # micro-batches per optimizer step (per rank)
+    batch_size: int = spec(256, ge=1, cap=COUNT_MAX)  # GLOBAL batch per optimizer step (all ranks, all
+                                      # accumulation steps)
+    grad_accum: int = spec(1, ge=1, cap=COUNT_MAX)  # micro-batches per optimizer step (per rank)
     max_steps: int = spec(1000, ge=1)  # optimizer steps
-    lr: float = spec(1e-4, gt=0)      # peak learning rate
+    lr: float = spec(1e-4, gt=0, cap=LR_MAX)  # peak learning rate
     optimizer: str = spec("adamw", choices=OPTIMIZERS)  # "adamw" or "radam"
     betas: Tuple[float, float] = spec((0.9, 0.999), ge=0, lt=1)  # Adam betas
-    weight_decay: float = spec(0.0, ge=0)  # decoupled weight decay
+    weight_decay: float = spec(0.0, ge=0, cap=1e6)  # decoupled weight decay (lr x weight_decay < 1)
     warmup_steps: int = spec(0, ge=0)  # linear learning-rate warmup (steps)
-    grad_clip: float = spec(0.0, ge=0)  # max global grad norm (0 = no clipping; the norm is logged either way)
+    grad_clip: float = spec(0.0, ge=0, cap=1e30)  # max global grad norm (0 = no clipping; the norm is logged
+                                      # either way)
     max_nonfinite_steps: int = spec(3, ge=1)  # consecutive skipped steps (non-finite loss or grad norm) before the
                                       # run stops with an error
     ema_decay: float = spec(0.9999, ge=0, lt=1)  # EMA of the weights (evaluation only)
@@ -477,7 +242,7 @@ class TrainConfig:
     amp: Optional[str] = spec("bf16", choices=PRECISIONS)  # student-pass autocast on CUDA (ignored on CPU)
     seed: int = spec(0, ge=0, le=SEED_MAX)  # seeds model init, data order, (s, r, t), noise, label dropout
     device: str = spec("auto", check=_device)  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
-    threads: Optional[int] = spec(None, ge=1)  # torch CPU threads (None = torch's default)
+    threads: Optional[int] = spec(None, ge=1, cap=THREADS_MAX)  # torch CPU threads (None = torch's default)
     out_dir: str = spec("runs", check=_nonempty)  # parent folder of run folders
     run_name: Optional[str] = spec(None, check=_plain_name)  # run folder name (None = <name>-<UTC timestamp>)
     resume: Optional[str] = spec(None, check=_nonempty)  # a run folder or checkpoint folder to continue from
@@ -487,12 +252,12 @@ class TrainConfig:
     keep_last: int = spec(0, ge=0)    # retention: keep the newest N checkpoints, delete older ones (0 = keep all)
     keep_every: int = spec(0, ge=0)   # retention: also keep checkpoints at steps that are multiples of this (0 = none)
     eval_every: int = spec(0, ge=0)   # steps between metric evaluations (0 = only at the end)
-    eval_samples: int = spec(1000, ge=1)  # samples per step count for the final metrics
-    eval_steps: Tuple[int, ...] = spec((1, 2, 4, 8), ge=1, min_len=1)  # step counts evaluated
+    eval_samples: int = spec(1000, ge=1, cap=COUNT_MAX)  # samples per step count for the final metrics
+    eval_steps: Tuple[int, ...] = spec((1, 2, 4, 8), ge=1, cap=COUNT_MAX, min_len=1)  # step counts evaluated
     final_eval: bool = True           # compute metrics at the end of training
     # Train-time FID of the EMA model (image data; imm_fast.evaluation.train_time_fid, run at eval_every/the end):
-    eval_num: int = spec(5000, ge=2)  # samples per step count in eval_steps (digits use eval_samples instead; a
-                                      # covariance needs two)
+    eval_num: int = spec(5000, ge=2, cap=COUNT_MAX)  # samples per step count in eval_steps (digits use eval_samples
+                                      # instead; a covariance needs two)
     eval_ref: Optional[str] = spec(None, check=_nonempty)  # reference: statistics .npz (imm_fast/EDM/ADM) or a
                                       # dataset; None = the training images (latents need this set)
     inception: Optional[str] = spec(None, check=_nonempty)  # FID Inception weights file (None = $IMM_FAST_INCEPTION
@@ -506,6 +271,9 @@ class TrainConfig:
 
     def __post_init__(self):
         _validate(self)
+        if self.lr * self.weight_decay > 1:
+            raise ConfigError(f"lr={self.lr!r} x weight_decay={self.weight_decay!r} must be <= 1 (decoupled weight "
+                              "decay multiplies the weights by 1 - lr x weight_decay each step)")
         M = self.loss.group_size
         if self.batch_size % (self.grad_accum * M):
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by grad_accum x loss.group_size = "
@@ -514,8 +282,6 @@ class TrainConfig:
             raise ConfigError(f"data.vae_path={self.data.vae_path!r} only applies to data.source='latents', got "
                               f"data.source={self.data.source!r}")
         if isinstance(self.sample.grid, tuple):
-            from .schedule import eta_bounds
-
             m = self.model
             lo, hi = eta_bounds(m.eps, m.T, m.noise_schedule)
             if not all(lo < e < hi for e in self.sample.grid):
@@ -643,13 +409,36 @@ def _coerce(cfg, key: str, value):
     return value
 
 
+_FLAT_LAYOUT_MARKERS = {"patch_size", "hidden_size", "depth", "model_channels", "channel_mult", "num_blocks"}
+
+
+def _drop_other_backbones(cfg: "TrainConfig", flat: dict) -> dict:
+    """Configs saved before each backbone had its own section hold every backbone's fields side by side in
+    `model:` (the others were ignored): recognised by holding DiT and UNet sizes together, they load with only the
+    named backbone's fields. Anything else keeps every key, so a stray key is refused as unknown."""
+    keys = {k[len("model."):] for k in flat if k.startswith("model.")}
+    if not _FLAT_LAYOUT_MARKERS <= keys:
+        return flat
+    model_type = flat.get("model.model_type", cfg.model.model_type)
+    try:
+        target, _ = resolve(model_type, "model.model_type")
+    except ConfigError:
+        return flat  # the type check names it
+    others = {f"model.{name}" for name in other_backbones_fields(target)}
+    return {k: v for k, v in flat.items() if k not in others}
+
+
 def _apply(cfg: "TrainConfig", flat: dict) -> "TrainConfig":
     if "model.arch" in flat:  # run configs saved before model_type replaced arch (then always "DiT")
         flat = dict(flat)
         flat.setdefault("model.model_type", flat.pop("model.arch"))
+    flat = _drop_other_backbones(cfg, flat)
     flat = {k: _coerce(cfg, k, v) for k, v in flat.items()}
     # Apply nested keys first so that cross-field checks of TrainConfig see the final sub-configs together.
     return with_overrides(cfg, flat)
+
+
+MAX_CONFIG_BYTES = 1 << 24  # characters of a config file (real ones are a few KB)
 
 
 def read_config_file(path) -> dict:
@@ -660,9 +449,11 @@ def read_config_file(path) -> dict:
     path = os.fspath(path)
     try:
         with open(path) as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"cannot read config file {path!r}: {e.strerror or e}") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is larger than {MAX_CONFIG_BYTES:,} characters; refused")
     try:
         if path.endswith(".json"):
             data = json.loads(text)
@@ -676,6 +467,7 @@ def read_config_file(path) -> dict:
                           f"{first}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of keys, got {type(data).__name__}")
+    check_size(data, f"config file {path!r}")
     return data
 
 
@@ -701,15 +493,17 @@ def load_train_config(cfg=None, overrides: Optional[dict] = None, source=None) -
                               "YAML/JSON file")
         return load_train_config(read_config_file(path), overrides, source=path)
     elif isinstance(cfg, dict):
+        check_size(cfg, "the config" if source is None else f"config file {str(source)!r}")
         data = dict(cfg)
         preset = data.pop("preset", None) or "digits"
         if preset not in PRESETS:
-            raise ConfigError(f"preset={preset!r} is not one of {sorted(PRESETS)}"
+            raise ConfigError(f"preset={excerpt(preset)} is not one of {sorted(PRESETS)}"
                               + (f" (in config file {str(source)!r})" if source is not None else ""))
         base, flat = PRESETS[preset], _flatten(data)
     else:
         raise ConfigTypeError(f"cfg must be None, a preset name, a TrainConfig, a dict or a YAML path, got "
                               f"{type(cfg).__name__}")
+    check_size(overrides or {}, "the overrides")
     flat = {**flat, **(overrides or {})}
     if source is None:
         return _apply(base, flat)
@@ -723,3 +517,74 @@ def load_train_config(cfg=None, overrides: Optional[dict] = None, source=None) -
 def config_to_dict(cfg) -> dict:
     """A JSON-able nested dict of a config (tuples become lists)."""
     return dataclasses.asdict(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Will it fit? Sizes that decide an allocation, against this machine, before step 0
+# ----------------------------------------------------------------------------------------------------------------
+BYTES_PER_PARAM = 20   # float32 weights, gradients, two Adam moments and the EMA copy
+FEATURE_BYTES = 2048 * 8  # one Inception feature vector (float64), kept per evaluated sample
+
+
+def memory_needed(cfg: "TrainConfig", world: int = 1) -> dict:
+    """Lower bounds (bytes) of what a run holds at once on one device, by part: every term counts only tensors the
+    run cannot avoid, so a refusal is never a false alarm."""
+    m = cfg.model
+    pixels = m.img_channels * m.img_resolution ** 2
+    micro = max(1, cfg.batch_size // (cfg.grad_accum * max(1, world)))
+    parts = {
+        f"model state ({m.param_lower_bound():,}+ parameters x {BYTES_PER_PARAM} bytes: weights, gradients, Adam, "
+        "EMA)": BYTES_PER_PARAM * m.param_lower_bound(),
+        f"one micro-batch of {micro:,} (x_t, x_r, student and target outputs, float32)": 4 * 4 * micro * pixels,
+        f"the sample grid of sample.num_images={cfg.sample.num_images:,} (float64)": 8 * cfg.sample.num_images * pixels,
+    }
+    if (cfg.final_eval or cfg.eval_every) and cfg.data.source != "digits":  # digits: a small classifier's features
+        n = min(cfg.eval_num, cfg.eval_samples)
+        parts[f"Inception features of {n:,} evaluated samples"] = FEATURE_BYTES * n
+    return parts
+
+
+def _available_bytes(device) -> Optional[int]:
+    """Free memory of `device` ('cpu', 'cuda', 'cuda:N', a torch.device), or None when it cannot be read."""
+    import os
+
+    name = str(device)
+    if name.startswith("cuda"):
+        try:
+            import torch
+
+            return int(torch.cuda.mem_get_info(torch.device(name))[0])
+        except Exception:  # no CUDA here: nothing to compare with
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg: "TrainConfig", device="cpu", world: int = 1, available: Optional[int] = None) -> None:
+    """Refuse, before step 0, a config whose sizes cannot fit this machine: the memory lower bounds of
+    `memory_needed` against the device's free memory, and `threads` against its CPUs."""
+    import os
+
+    cpus = os.cpu_count() or 1
+    if cfg.threads is not None and cfg.threads > 4 * cpus:
+        raise ConfigError(f"threads={cfg.threads} is more than 4 x the {cpus} CPUs of this machine; use at most "
+                          f"{cpus} (or leave it unset)")
+    available = _available_bytes(device) if available is None else available
+    if available is None:
+        return
+    parts = memory_needed(cfg, world)
+    total = sum(parts.values())
+    if total > available:
+        biggest = sorted(parts.items(), key=lambda kv: -kv[1])[:3]
+        detail = "; ".join(f"{what}: {n / 2**30:,.2f} GiB" for what, n in biggest)
+        raise ConfigError(f"this config needs at least {total / 2**30:,.2f} GiB on {device} but "
+                          f"{available / 2**30:,.2f} GiB are free ({detail}); lower the sizes named")

@@ -1,4 +1,5 @@
-"""IMM schedules (spec section 1): alpha_t, sigma_t, eta_t, t(eta), lambda_t, DDIM, r(s,t), w(s,t), w~(s,t).
+"""IMM schedules (the IMM paper's interpolants and weighting): alpha_t, sigma_t, eta_t, t(eta), lambda_t, DDIM,
+r(s,t), w(s,t), w~(s,t).
 
 All functions take tensors (any shape, broadcasting) and keep their dtype, computing log-SNR in float64 as the
 authors' code does. `schedule` is "fm" (alpha = 1 - t, sigma = t) or "vp_cosine" (cos, sin of pi t / 2).
@@ -9,9 +10,9 @@ import math
 
 import torch
 
-from .config import F_TYPES, NOISE_SCHEDULES
-
-SCHEDULES = NOISE_SCHEDULES  # the one list, declared in config.py
+NOISE_SCHEDULES = ("fm", "vp_cosine")             # interpolants: alpha_t, sigma_t below
+F_TYPES = ("euler_fm", "simple_edm", "identity")  # output functions (c_skip_out below, models/imm.py)
+SCHEDULES = NOISE_SCHEDULES
 
 
 def _check(schedule):

@@ -53,7 +53,7 @@ from ._files import atomic_write_text, image_grid, write_png
 from .checkpoints import (CKPT_PREFIX, NonFiniteError, RunLock, find_checkpoint, list_checkpoints, nonfinite_entries,
                           read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
                           verify_checkpoint)
-from .config import LossConfig, TrainConfig, config_to_dict, load_train_config, read_config_file
+from .config import LossConfig, TrainConfig, check_fits, config_to_dict, load_train_config, read_config_file
 
 
 @dataclass
@@ -331,7 +331,7 @@ def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.E
         mcfg = dataclasses.replace(mcfg, mixed_precision=cfg.amp)
     # reference=true outranks model.fused and loss.backend (the precedence: imm_fast._backend.resolve_fused). Only
     # then is fused pinned: otherwise None stays in the model's init kwargs, so a checkpoint picks per device.
-    if cfg.reference:
+    if cfg.reference and "fused" in mcfg.field_names():  # the DiT's switch; UNets have no fused path
         mcfg = dataclasses.replace(mcfg, fused=resolve_fused(mcfg.fused, device, reference=True))
     lcfg = dataclasses.replace(lcfg, backend=reference_loss_backend(lcfg.backend, cfg.reference))
     if device.type == "cuda" and cfg.tf32:
@@ -588,6 +588,7 @@ def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, *
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    check_fits(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))  # sizes against this machine, before step 0
     d = _init_distributed(device)
     try:
         with contextlib.ExitStack() as stack:  # the run lock, the logger, the progress bar

@@ -90,6 +90,19 @@ TYPOS = [
     ("out_dir", "", ["empty"]),
     ("name", 3, ["a string"]),
     ("model", 5, ["ModelConfig"]),
+    # Values that were accepted and then failed deep inside a run (a traceback, or an allocation after training).
+    ("lr", 1e38, ["cap", "1000"]),  # AdamW's lr / (1 - beta1) overflows float32: refused here instead
+    ("name", "../../escaped", ["plain folder name"]),
+    ("name", "a/b/c", ["plain folder name"]),
+    ("name", "n" * 300, ["at most 200 characters"]),
+    ("loss.k", 100000, ["cap", "52"]),
+    ("threads", 100000, ["cap"]),
+    ("model.hidden_size", 10**12, ["cap"]),
+    ("model.depth", 10**7, ["cap"]),
+    ("sample.num_images", 10**12, ["cap"]),
+    ("eval_num", 10**12, ["cap"]),
+    ("batch_size", 10**12, ["cap"]),
+    ("weight_decay", 2e4, ["lr", "weight_decay", "<= 1"]),
 ]
 
 
@@ -216,3 +229,82 @@ def test_imm_model_uses_the_shared_checks():
         IMM(**{**base, "noise_schedule": "vp_cosine"})
     with pytest.raises(ConfigError, match="eps=0.9 must be < T=0.5"):
         IMM(**{**base, "eps": 0.9, "T": 0.5})
+
+
+def test_sizes_that_cannot_fit_this_machine_are_refused_before_step_0():
+    """Sizes under the caps that no machine here can hold: check_fits names the biggest parts (the run calls it
+    before building anything). Lower bounds only: the presets fit a 64 GiB machine."""
+    gib = 2**30
+    for key, value, words in [("sample.num_images", 10**9, "sample grid"), ("batch_size", 10**9, "micro-batch"),
+                              ("model.hidden_size", 32768, "parameters")]:
+        cfg = load_train_config(None, {key: value, "model.num_heads": 4})
+        with pytest.raises(ConfigError, match=rf"needs at least [\d,.]+ GiB on cpu but 8.00 GiB are free.*{words}"):
+            C.check_fits(cfg, "cpu", available=8 * gib)
+    for name in ("digits", "cifar10", "imagenet256-S"):
+        C.check_fits(PRESETS[name], "cpu", available=64 * gib)
+    with pytest.raises(ConfigError, match="threads=4096 is more than 4 x the"):
+        C.check_fits(load_train_config(None, {"threads": 4096}), "cpu", available=64 * gib)
+
+
+def test_lr_bound_is_what_adam_can_represent():
+    """torch's AdamW divides lr by 1 - beta1^t in float32: lr=1e38 overflows at step 1. The cap refuses it while
+    every lr up to the cap still steps to finite weights."""
+    torch = pytest.importorskip("torch")
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([p], lr=C.LR_MAX, betas=(0.9, 0.999))
+    p.grad = torch.randn(4)
+    opt.step()
+    assert torch.isfinite(p).all()
+    assert TrainConfig(lr=C.LR_MAX).lr == C.LR_MAX
+
+
+def _laughs(levels: int = 9) -> str:
+    """YAML flow text of 10^levels ones built from aliases: level k holds ten copies of level k - 1."""
+    text = "&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"
+    for k in range(1, levels):
+        text = f"&a{k} [{text}, " + ", ".join([f"*a{k - 1}"] * 9) + "]"
+    return text
+
+
+@pytest.mark.parametrize("key", ["eval_steps", "max_steps", "name"])
+def test_a_billion_laughs_is_refused_at_once(tmp_path, key):
+    """About 500 bytes of nested YAML aliases under a known key expand to 10^9 values: refused by a size cap in
+    well under a second, from a file and through the command line's override parser, with a short message."""
+    import time
+
+    from imm_fast.__main__ import parse_overrides
+
+    path = tmp_path / "laughs.yaml"
+    path.write_text(f"{key}: {_laughs()}\n")
+    assert path.stat().st_size < 600
+    t0 = time.perf_counter()
+    errors = []
+    for attempt in (lambda: load_train_config(str(path)),
+                    lambda: load_train_config(None, parse_overrides([f"{key}={_laughs()}"]))):
+        with pytest.raises(ConfigError) as info:
+            attempt()
+        errors.append(str(info.value))
+    assert time.perf_counter() - t0 < 1.0
+    for msg in errors:
+        assert "more than 100,000 values" in msg and len(msg) < 300, msg[:500]
+
+
+def test_error_messages_show_an_excerpt_of_a_bad_value():
+    for key, value in [("name", "x" * 10**6), ("eval_steps", [0] + [1] * 50_000), ("sample.sampler", "s" * 10**5)]:
+        with pytest.raises(ConfigError) as info:
+            load_train_config(None, {key: value})
+        assert f"{key}=" in str(info.value) and len(str(info.value)) < 400, str(info.value)[:600]
+
+
+def test_no_import_circle_between_config_schedule_and_the_models():
+    """Function-level imports included: the modules config.py imports never import config back."""
+    import ast
+    from pathlib import Path
+
+    root = Path(C.__file__).parent
+    below = [root / "schedule.py", root / "_fields.py", root / "errors.py", *sorted((root / "models").glob("*.py"))]
+    for path in below:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+                assert not any(n == "config" or n.endswith(".config") for n in names), (path.name, names)

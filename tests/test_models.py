@@ -1,8 +1,11 @@
+import dataclasses
+
 import pytest
 import torch
 
+from imm_fast._fields import spec
 from imm_fast.config import ModelConfig, dit_config
-from imm_fast.models import IMM
+from imm_fast.models import IMM, registry
 
 from _helpers import random_model
 
@@ -159,3 +162,107 @@ def test_fused_dit_with_triton_kernels_matches_reference(monkeypatch, qk_norm):
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-5)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-3, atol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The backbone registry: a new backbone is one module (here: the class pair below) and resolves everywhere
+# ---------------------------------------------------------------------------------------------------------------
+
+class ToyNet(torch.nn.Module):
+    """G(x, t, s) = conv(silu(conv(x) + pos + emb(t, s))): the smallest network with the backbone interface."""
+
+    def __init__(self, img_resolution, in_channels, label_dim=0, width=8, s_embed=True, dropout=0.0, **kwargs):
+        super().__init__()
+        self.toy_in = torch.nn.Conv2d(in_channels, width, 3, padding=1)
+        self.pos = torch.nn.Parameter(torch.randn(1, width, img_resolution, img_resolution) * 0.1)
+        self.emb = torch.nn.Linear(2, width)
+        self.out = torch.nn.Conv2d(width, in_channels, 3, padding=1)
+
+    def forward(self, x, noise_labels_t, noise_labels_s, class_labels=None):
+        ts = torch.stack(torch.broadcast_tensors(noise_labels_t, noise_labels_s), dim=-1) / 1000  # (N|1, 2)
+        h = self.toy_in(x) + self.pos + self.emb(ts.to(x.dtype))[:, :, None, None]
+        return self.out(torch.nn.functional.silu(h))
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig(registry.ModelConfig):
+    name = "Toy"
+    network = ToyNet
+
+    width: int = spec(8, ge=1, cap=1024)   # hidden channels of the toy network
+
+    def backbone_kwargs(self):
+        return dict(width=self.width, s_embed=self.s_embed, dropout=self.dropout)
+
+    @classmethod
+    def network_kwargs(cls, img_resolution, img_channels, label_dim, model_kwargs):
+        return dict(img_resolution=img_resolution, in_channels=img_channels, label_dim=label_dim, **model_kwargs)
+
+    @classmethod
+    def owns(cls, state_dict):
+        return "model.toy_in.weight" in state_dict
+
+    @classmethod
+    def infer(cls, state_dict, num_heads=None, source="the state dict"):
+        width, channels = state_dict["model.toy_in.weight"].shape[:2]
+        return dict(model_type="Toy", img_resolution=state_dict["model.pos"].shape[-1], img_channels=channels,
+                    label_dim=0, width=width)
+
+
+@pytest.fixture
+def toy():
+    registry.register(ToyConfig)
+    yield ToyConfig
+    registry.unregister("Toy")
+
+
+TOY = dict(model_type="Toy", img_resolution=8, img_channels=1, label_dim=0, width=6, f_type="simple_edm",
+           temb_type="identity", eps=0.006)
+
+
+def test_a_registered_backbone_builds_saves_loads_and_is_inferred(toy, tmp_path):
+    import imm_fast
+    from imm_fast import checkpoints as checkpoint
+    from imm_fast._config_doc import to_yaml
+    from imm_fast.config import PRESETS, check_fits, load_train_config
+    from imm_fast.models import build_model
+
+    cfg = ModelConfig(**TOY)
+    assert type(cfg) is ToyConfig and cfg.width == 6
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    want = model(x, torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64))
+    checkpoint.save_model(tmp_path / "toy.safetensors", model)  # init kwargs in the metadata
+    torch.save(model.state_dict(), tmp_path / "toy.pt")  # a bare state dict: the backbone infers itself
+    for path, kw in ((tmp_path / "toy.safetensors", None), (tmp_path / "toy.pt", {"eps": 0.006})):
+        loaded = imm_fast.load_official(path, model_kwargs=kw)
+        assert loaded.model_type == "Toy" and loaded.model.toy_in.out_channels == 6
+        got = loaded(x, torch.tensor(0.9, dtype=torch.float64), torch.tensor(0.4, dtype=torch.float64))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    run = load_train_config("digits", {"model.model_type": "Toy", "model.width": 4})
+    assert type(run.model) is ToyConfig and (run.model.width, run.model.img_resolution) == (4, 8)
+    assert "  width: 4  # hidden channels of the toy network" in to_yaml(run)
+    assert "depth" not in to_yaml(run.model)
+    check_fits(run, "cpu", available=2**30)  # counted on the meta device: no analytic bound needed
+    assert "width" in registry.constructor_parameters("Toy")
+    with pytest.raises(ValueError, match="model.width=5000 exceeds the cap 1024"):
+        ModelConfig(**{**TOY, "width": 5000})
+    with pytest.raises(ValueError, match="unknown config key 'model.width'"):
+        load_train_config("digits", {"model.width": 4})  # a Toy field on the DiT
+    assert PRESETS["digits"].model.model_type == "DiT"
+
+
+def test_model_type_resolves_in_one_place():
+    from imm_fast.models import IMM, DiTConfig, SongUNetConfig, dit_config
+
+    assert registry.names()[:3] == ("DiT", "SongUNet", "DhariwalUNet")
+    assert registry.resolve("SongUNet") == (SongUNetConfig, {})
+    assert registry.resolve("DiT_B_4") == (DiTConfig, dict(patch_size=4, hidden_size=768, depth=12, num_heads=12))
+    for bad in (lambda: ModelConfig(model_type="UNet"), lambda: IMM(8, 1, model_type="UNet"),
+                lambda: registry.resolve("DiT_XXL_2")):
+        with pytest.raises(ValueError, match=r"model_type='(UNet|DiT_XXL_2)' is not one of \('DiT', 'SongUNet'"):
+            bad()
+    assert dit_config("S/2").hidden_size == 384 and DiTConfig.variant("XL/4").patch_size == 4
+    with pytest.raises(ValueError, match="checkpoint alias"):
+        ModelConfig(model_type="DiT_XL_2")

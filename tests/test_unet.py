@@ -3,6 +3,7 @@ s-embedding wiring, checkpoint round trips (the authors' pickle format, safetens
 preset (train, exact resume, sample with the paper's 2-step eta list) and the CUDA speed switches."""
 import dataclasses
 import math
+import time
 
 import numpy as np
 import pytest
@@ -405,3 +406,52 @@ def test_cuda_channels_last_bf16_and_compile(name):
         if name == "ddpmpp":
             bf.model.compile_regions("regional")
             torch.testing.assert_close(bf(x, t, s, class_labels=labels), y16, rtol=0.02, atol=0.02 * scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A checkpoint's declared UNet size against its stored parameters, before anything is allocated
+# ---------------------------------------------------------------------------------------------------------------
+def _declaring(tmp_path, init_kwargs, name="declares.safetensors"):
+    import json
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    save_file({"model.map_layer0.weight": torch.zeros(2, 2)}, str(path),
+              metadata={"format": "imm_fast", "init_kwargs": json.dumps(init_kwargs)})
+    return path
+
+
+@pytest.mark.parametrize("declared,words", [
+    (dict(model_channels=512, num_blocks=8), ["model_channels=512", "num_blocks=8", "parameters", "stores 4"]),
+    (dict(model_channels=65536), ["model_channels=65536", "parameters"]),
+    (dict(model_channels=1 << 20), ["init_kwargs.model_channels=1048576 exceeds the cap"]),
+    (dict(num_blocks=4, channel_mult=[1, 2, 999]), ["init_kwargs.channel_mult=[1, 2, 999] exceeds the cap"]),
+])
+def test_declared_unet_size_is_checked_against_the_stored_weights_at_once(tmp_path, declared, words):
+    """A file of a few hundred bytes declaring a big SongUNet is refused in well under a second (it used to
+    allocate 7.6 GB for 51 s, or end in an allocation traceback)."""
+    from imm_fast.errors import CheckpointError
+
+    path = _declaring(tmp_path, {**DDPMPP, **declared})
+    assert path.stat().st_size < 1024
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as info:
+        imm_fast.load_official(path)
+    assert time.perf_counter() - t0 < 1.0
+    for w in ["declares.safetensors"] + words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+@pytest.mark.parametrize("depth", [30, 100_000])
+def test_deeply_nested_init_kwargs_are_a_clear_error(tmp_path, depth):
+    from imm_fast.errors import CheckpointError
+
+    from safetensors.torch import save_file
+
+    path = tmp_path / "nested.safetensors"
+    nested = '{"model_channels": 16, "extra": ' + "[" * depth + "]" * depth + "}"
+    text = '{"model_type": "SongUNet", "img_resolution": 32, "img_channels": 3, "embedding_kwargs": ' + nested + "}"
+    save_file({"x": torch.zeros(1)}, str(path), metadata={"format": "imm_fast", "init_kwargs": text})
+    with pytest.raises(CheckpointError, match=r"nested\.safetensors.*(nest deeper than 8 levels|not JSON)"):
+        imm_fast.load_official(path)

@@ -4,7 +4,6 @@
                   pickle, zip expansion of a torch.save archive, tensor bytes against the file's size)
   official        the authors' released pickles: inert records of their modules, never their code
   native          imm_fast's own weights format (safetensors with the init kwargs in its metadata)
-  _arch           building a model from init kwargs and inferring an architecture from a state dict
   training_state  training checkpoints: write (manifest last, retention after), verify, list, the one resolver
                   (resolve_checkpoint / resolve_weights, the one reader of `latest`), repair after a kill
   loading         load_official: the one resolver, then a table of loaders by file kind
@@ -15,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import (CheckpointError, CheckpointWriteError, NonFiniteError, RunFolderBusyError,  # noqa: F401
                       UnsafeCheckpointError)
-from ._arch import MODEL_CAPS, build_from_kwargs, infer_model_kwargs  # noqa: F401
+from ..models.stored import build_from_kwargs, infer_model_kwargs  # noqa: F401
 from .loading import LOADERS, load_official  # noqa: F401
 from .lock import RunLock  # noqa: F401
 from .native import FORMAT, save_model  # noqa: F401

@@ -17,17 +17,11 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, excerpt
-from ._arch import build_from_kwargs, infer_model_kwargs
+from ..models.stored import build_from_kwargs, imm_defaults, infer_model_kwargs
 from .native import read_native
 from .official import _LegacyTorchFile, read_official_pickle
 from .safe_pickle import check_tensor_bytes, check_torch_zip
 from .training_state import resolve_weights
-
-_CIFAR_DEFAULTS = dict(noise_schedule="fm", f_type="simple_edm", temb_type="identity", sigma_data=0.5, T=0.994,
-                       eps=0.006, time_scale=1000.0)
-_IMAGENET_DEFAULTS = dict(noise_schedule="fm", f_type="euler_fm", temb_type="stride", sigma_data=0.5, T=0.994,
-                          eps=0.0, time_scale=1000.0)
-
 
 def _with_prefix(sd):
     if any(k.startswith("model.") for k in sd):
@@ -56,8 +50,8 @@ def _from_plain_state_dict(sd, device, fused, model_kwargs, source="the state di
     sd = _with_prefix(sd)
     model_kwargs = dict(model_kwargs or {})
     arch = infer_model_kwargs(sd, model_kwargs.get("num_heads"), source)
-    # Settings the shapes cannot tell: the paper's CIFAR-10 ones for a UNet, the ImageNet ones for a DiT.
-    kw = {**(_IMAGENET_DEFAULTS if arch.get("model_type", "DiT") == "DiT" else _CIFAR_DEFAULTS), **arch}
+    # Settings the shapes cannot tell: the backbone's IMM defaults (the paper's, for the dataset it was used on).
+    kw = {**imm_defaults(arch.get("model_type", "DiT")), **arch}
     kw.update(model_kwargs)
     return build_from_kwargs(kw, sd, device, fused, source=source)
 

@@ -11,14 +11,21 @@ Shapes: N batch, T tokens = (R/p)^2, C hidden, H heads, Dh = C/H head dim, p pat
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import _backend
+from .._fields import excerpt, spec
+from ..errors import CheckpointError, ConfigError
 from ..ops.adaln import adaln_modulate, gated_residual_adaln
 from ..ops.attention import attention
+from .registry import ModelConfig, declared, register
+
+EMBEDDING_TYPES = ("positional", "fourier")  # time features of TimestepEmbedder
 
 
 def modulate(x, shift, scale):
@@ -57,7 +64,7 @@ class TimestepEmbedder(nn.Module):
         if embedding_type == "fourier":
             self.register_buffer("freqs", torch.randn(frequency_embedding_size // 2) * scale)
         elif embedding_type != "positional":
-            raise ValueError(f"embedding_type={embedding_type!r} is not one of ('positional', 'fourier')")
+            raise ValueError(f"embedding_type={embedding_type!r} is not one of {EMBEDDING_TYPES}")
 
     @staticmethod
     def positional_frequencies(dim, device, max_period=10000):
@@ -314,3 +321,125 @@ def _sincos_1d(embed_dim, pos):
     omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
     out = np.outer(pos.reshape(-1), omega)  # (M, D/2)
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The DiT's config section, named sizes, inference from a state dict and IMM defaults (see models/registry.py)
+# ----------------------------------------------------------------------------------------------------------------
+DIT_SIZES = {  # name -> (hidden_size, depth, num_heads), as in the DiT paper
+    "S": (384, 12, 6),
+    "B": (768, 12, 12),
+    "L": (1024, 24, 16),
+    "XL": (1152, 28, 16),
+}
+PATCH_SIZES = (2, 4, 8)  # the DiT paper's patch sides
+_HEADS = {hidden: heads for hidden, _, heads in DIT_SIZES.values()}  # head counts of the paper's widths
+
+
+@register
+@dataclass(frozen=True)
+class DiTConfig(ModelConfig):
+    name = "DiT"
+    network = DiT
+    alias_help = "DiT_<S|B|L|XL>_<2|4|8>"
+    ignored_kwargs = ("skip",)  # accepted by the reference DiT, unused by its forward
+    imm_defaults = dict(noise_schedule="fm", f_type="euler_fm", temb_type="stride", sigma_data=0.5, T=0.994,
+                        eps=0.0, time_scale=1000.0)  # the paper's ImageNet-256 settings
+
+    patch_size: int = spec(2, ge=1, cap=1024)  # DiT patch side
+    hidden_size: int = spec(1152, ge=1, cap=65536)  # DiT width C
+    depth: int = spec(28, ge=1, cap=1024)   # number of DiT blocks
+    num_heads: int = spec(16, ge=1, cap=4096)  # attention heads H (head dim = hidden_size / num_heads)
+    mlp_ratio: float = spec(4.0, gt=0, cap=256)  # MLP hidden width / hidden_size
+    qk_norm: bool = False                  # LayerNorm on q and k (timm's qk_norm)
+    embedding_type: str = spec("positional", choices=EMBEDDING_TYPES)  # time features: sinusoidal or Fourier
+    fused: Optional[bool] = None           # fused kernels in the DiT: None = auto (CUDA with triton), True, False
+
+    def check(self):
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} must be divisible by "
+                              f"model.num_heads={self.num_heads}")
+        if self.img_resolution % self.patch_size:
+            raise ConfigError(f"model.img_resolution={self.img_resolution} must be divisible by "
+                              f"model.patch_size={self.patch_size}")
+
+    def backbone_kwargs(self) -> dict:
+        return dict(patch_size=self.patch_size, hidden_size=self.hidden_size, depth=self.depth,
+                    num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, class_dropout_prob=self.class_dropout_prob,
+                    num_classes=self.label_dim, s_embed=self.s_embed, qk_norm=self.qk_norm, dropout=self.dropout,
+                    embedding_kwargs={"embedding_type": self.embedding_type}, fused=self.fused)
+
+    @classmethod
+    def network_kwargs(cls, img_resolution, img_channels, label_dim, model_kwargs) -> dict:
+        # label_dim is the wrapper's: the DiT's table is sized by num_classes (1000 in the reference by default).
+        kw = {k: v for k, v in model_kwargs.items() if k not in cls.ignored_kwargs}
+        if isinstance(kw.get("hidden_size"), int) and isinstance(kw.get("num_heads"), int) and kw["num_heads"] > 0 \
+                and kw["hidden_size"] % kw["num_heads"]:
+            raise ConfigError(f"hidden_size={kw['hidden_size']} must be divisible by num_heads={kw['num_heads']}")
+        return dict(img_resolution=img_resolution, in_channels=img_channels, **kw)
+
+    @classmethod
+    def variant(cls, name: str, **kw) -> "DiTConfig":
+        """The config of a named DiT size, e.g. "XL/2", "B/4", "S/8"."""
+        try:
+            size, patch = name.split("/")
+            hidden, depth, heads = DIT_SIZES[size]
+            patch = int(patch)
+        except (ValueError, KeyError, AttributeError):
+            raise ConfigError(f"DiT name {excerpt(name)} must be one of S|B|L|XL + /2|/4|/8, e.g. 'XL/2'") from None
+        return cls(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, **kw)
+
+    @classmethod
+    def alias(cls, model_type: str):
+        parts = model_type.split("_")
+        if len(parts) == 3 and parts[0] == "DiT" and parts[1] in DIT_SIZES and parts[2] in map(str, PATCH_SIZES):
+            hidden, depth, heads = DIT_SIZES[parts[1]]
+            return dict(patch_size=int(parts[2]), hidden_size=hidden, depth=depth, num_heads=heads)
+        return None
+
+    @classmethod
+    def owns(cls, state_dict) -> bool:
+        return "model.x_embedder.proj.weight" in state_dict
+
+    @classmethod
+    def min_params(cls, kw: dict) -> int:
+        # Per block: qkv + proj 4C^2, MLP 2rC^2, adaLN 6C^2 (weights only, so a lower bound).
+        kw = declared(cls, kw)
+        return int(kw["depth"] * (10 + 2 * kw["mlp_ratio"]) * kw["hidden_size"] ** 2)
+
+    @classmethod
+    def infer(cls, state_dict, num_heads=None, source="the state dict") -> dict:
+        """DiT heads: `num_heads` if given, else hidden / head_dim when qk-norm weights store head_dim, else the
+        DiT paper's table for its widths; any other width needs num_heads given."""
+        sd, src = state_dict, str(source)
+        try:
+            w = sd["model.x_embedder.proj.weight"]  # (C, Cin, p, p)
+            hidden, in_ch, patch = w.shape[0], w.shape[1], w.shape[2]
+            num_patches = sd["model.pos_embed"].shape[1]
+            rows = sd["model.y_embedder.embedding_table.weight"].shape[0]
+        except KeyError as e:
+            raise CheckpointError(f"{src!r} is not an IMM DiT state dict: it has no tensor {e.args[0]!r}") from None
+        except (AttributeError, IndexError):
+            raise CheckpointError(f"{src!r}: the embedder tensors have unexpected shapes") from None
+        grid = int(round(num_patches ** 0.5))
+        depth = len({k.split(".")[2] for k in sd if k.startswith("model.blocks.")})
+        fc1 = sd.get("model.blocks.0.mlp.fc1.weight")
+        mlp_hidden = fc1.shape[0] if fc1 is not None else 4 * hidden
+        q_norm = sd.get("model.blocks.0.attn.q_norm.weight")
+        if num_heads is None:
+            if q_norm is not None and q_norm.dim() == 1 and q_norm.numel() and hidden % q_norm.numel() == 0:
+                num_heads = hidden // q_norm.numel()  # LayerNorm(head_dim): unambiguous
+            elif hidden in _HEADS:
+                num_heads = _HEADS[hidden]
+            else:
+                raise CheckpointError(f"{src!r}: the number of attention heads of a width-{hidden} DiT cannot be "
+                                      "read from its shapes; pass it: "
+                                      "load_official(..., model_kwargs={'num_heads': H})")
+        return dict(img_resolution=grid * patch, img_channels=in_ch, patch_size=patch, hidden_size=hidden,
+                    depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden, num_classes=rows - 1,
+                    label_dim=rows - 1, s_embed="model.s_embedder.mlp.0.weight" in sd, qk_norm=q_norm is not None)
+
+
+def dit_config(name: str, **kw) -> DiTConfig:
+    """ModelConfig for a named DiT size, e.g. "XL/2", "B/4", "S/8"."""
+    return DiTConfig.variant(name, **kw)

@@ -1,4 +1,5 @@
-"""The IMM wrapper f_theta(x_t, s, t) around a backbone G (spec section 2), numerically the authors' IMMPrecond.
+"""The IMM wrapper f_theta(x_t, s, t) around a backbone G (the IMM paper's parameterization of f), numerically
+the authors' IMMPrecond.
 
 f = output_function(x_t, G(c_in x_t, 1000 t, 1000 s | 1000 (t - s), labels), s, t), where the output function is
 euler_fm (x_t - (t - s) sigma_d G), simple_edm (c_skip x_t + c_out G) or identity (DDIM(x_t, G, s, t)).
@@ -17,47 +18,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import schedule as sch
-from ..config import DIT_SIZES, PRECISIONS, ModelConfig, check_fields, check_imm_settings
-from ..errors import ConfigError
-from .dit import DiT
-from .unet import UNET_TYPES
+from .._fields import check_fields
+from .registry import PRECISIONS, ModelConfig, check_imm_settings, checked_network_kwargs, resolve
 
 _DTYPES = {None: torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 assert set(_DTYPES) == set(PRECISIONS)
-# Backbone kwargs checked by ModelConfig's rules when given (the rest are the backbone's own business).
-_CHECKED_BACKBONE_KWARGS = ("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "qk_norm", "dropout",
-                            "class_dropout_prob", "s_embed", "fused")
-_CHECKED_UNET_KWARGS = ("model_channels", "channel_mult", "channel_mult_emb", "channel_mult_noise", "num_blocks",
-                        "attn_resolutions", "dropout", "s_embed", "embedding_type", "encoder_type", "decoder_type",
-                        "resample_filter", "channels_last")
-
-
-def dit_kwargs_for(model_type: str) -> dict:
-    """"DiT" -> {}; "DiT_XL_2" -> the XL sizes with patch 2 (the authors' class names)."""
-    if model_type == "DiT":
-        return {}
-    parts = model_type.split("_")
-    if len(parts) == 3 and parts[0] == "DiT" and parts[1] in DIT_SIZES and parts[2] in ("2", "4", "8"):
-        hidden, depth, heads = DIT_SIZES[parts[1]]
-        return dict(patch_size=int(parts[2]), hidden_size=hidden, depth=depth, num_heads=heads)
-    raise ValueError(f"model_type={model_type!r} is not supported: use 'DiT', 'DiT_<S|B|L|XL>_<2|4|8>', "
-                     f"or one of {tuple(UNET_TYPES)}")
 
 
 def build_backbone(model_type, img_resolution, img_channels, label_dim, model_kwargs):
-    """The network G named by model_type (the authors' class names), with their constructor arguments."""
-    if model_type in UNET_TYPES:
-        kw = {k: v for k, v in model_kwargs.items() if k not in ("in_channels", "out_channels", "img_channels")}
-        kw.update(check_fields(ModelConfig, {k: kw[k] for k in _CHECKED_UNET_KWARGS if k in kw}, prefix=""))
-        return UNET_TYPES[model_type](img_resolution=img_resolution, in_channels=img_channels,
-                                      out_channels=img_channels, label_dim=label_dim, **kw)
-    model_kwargs = dict(model_kwargs)
-    model_kwargs.pop("skip", None)  # accepted by the reference DiT but unused by its forward
-    kw = {**dit_kwargs_for(model_type), **model_kwargs}
-    kw.update(check_fields(ModelConfig, {k: kw[k] for k in _CHECKED_BACKBONE_KWARGS if k in kw}, prefix=""))
-    if "hidden_size" in kw and "num_heads" in kw and kw["hidden_size"] % kw["num_heads"]:
-        raise ConfigError(f"hidden_size={kw['hidden_size']} must be divisible by num_heads={kw['num_heads']}")
-    return DiT(img_resolution=img_resolution, in_channels=img_channels, **kw)
+    """The network G named by model_type (a registered name or alias), with the authors' constructor arguments;
+    stored keywords that share a name with a field of the backbone's config section are checked by its rules."""
+    cls, sizes = resolve(model_type)
+    kw = checked_network_kwargs(cls, {**sizes, **model_kwargs})
+    return cls.network(**cls.network_kwargs(img_resolution, img_channels, label_dim, kw))
+
+
+def imm_parameters() -> set:
+    """The IMM wrapper's own constructor keywords (the rest go to the backbone)."""
+    import inspect
+
+    return set(inspect.signature(IMM.__init__).parameters) - {"self", "model_kwargs"}
 
 
 class IMM(nn.Module):
@@ -78,7 +58,7 @@ class IMM(nn.Module):
                                 mixed_precision=mixed_precision, noise_schedule=noise_schedule, model_type=model_type,
                                 sigma_data=sigma_data, f_type=f_type, T=T, eps=eps, temb_type=temb_type,
                                 time_scale=time_scale, **model_kwargs)
-        # The same rules as ModelConfig (stored kwargs of a checkpoint come here without a config).
+        # The same rules as the model config (stored kwargs of a checkpoint come here without a config).
         v = check_fields(ModelConfig, dict(
             img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
             mixed_precision=mixed_precision, noise_schedule=noise_schedule, sigma_data=sigma_data, f_type=f_type, T=T,

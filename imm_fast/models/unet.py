@@ -26,18 +26,25 @@ Shapes: N batch, C channels, R resolution (R >> level per level), E = model_chan
 from __future__ import annotations
 
 import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.functional import silu
 
-__all__ = ["SongUNet", "DhariwalUNet", "UNetBlock", "Conv2d", "Linear", "GroupNorm", "PositionalEmbedding",
-           "FourierEmbedding", "UNET_TYPES"]
+from .._fields import spec
+from ..errors import CheckpointError, ConfigError
+from .registry import ModelConfig, declared, register
 
-ENCODER_TYPES = ("standard", "skip", "residual")
-DECODER_TYPES = ("standard", "skip")
-EMBEDDING_TYPES = ("positional", "fourier")
+__all__ = ["SongUNet", "DhariwalUNet", "UNetBlock", "Conv2d", "Linear", "GroupNorm", "PositionalEmbedding",
+           "FourierEmbedding", "SongUNetConfig", "DhariwalUNetConfig", "infer_unet_kwargs"]
+
+ENCODER_TYPES = ("standard", "skip", "residual")  # SongUNet encoders (DDPM++: standard; NCSN++: residual)
+DECODER_TYPES = ("standard", "skip")              # SongUNet decoders
+EMBEDDING_TYPES = ("positional", "fourier")       # SongUNet time features (DhariwalUNet: positional only)
 
 
 def weight_init(shape, mode, fan_in, fan_out):
@@ -545,4 +552,151 @@ class DhariwalUNet(_UNetBase):
         return self.out_conv(silu(self.out_norm(x)))
 
 
-UNET_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The UNets' config sections, inference from a state dict and IMM defaults (see models/registry.py)
+# ----------------------------------------------------------------------------------------------------------------
+def _groupnorm_problem(c: "_UNetConfig") -> Optional[str]:
+    ks = {1, *c.channel_mult}
+    for width in sorted({c.model_channels * k for k in ks | {a + b for a in ks for b in ks}}):
+        if width < 4 or width % min(32, width // 4):  # GroupNorm here uses min(32, C // 4) groups
+            return (f"model.model_channels={c.model_channels} with model.channel_mult={list(c.channel_mult)} gives "
+                    f"a {width}-channel layer that GroupNorm(min(32, C // 4) groups) cannot split evenly")
+    return None
+
+
+@dataclass(frozen=True)
+class _UNetConfig(ModelConfig):
+    """Fields both UNets share (the authors' names; their CIFAR-10 DDPM++ values as defaults)."""
+
+    imm_defaults = dict(noise_schedule="fm", f_type="simple_edm", temb_type="identity", sigma_data=0.5, T=0.994,
+                        eps=0.006, time_scale=1000.0)  # the paper's CIFAR-10 settings
+
+    model_channels: int = spec(128, ge=1, cap=65536)  # base width (channels at multiplier 1)
+    channel_mult: Tuple[int, ...] = spec((2, 2, 2), ge=1, cap=256, min_len=1)  # width multiplier per resolution
+                                           # level (one 2x downsample per level)
+    channel_mult_emb: int = spec(4, ge=1, cap=256)  # embedding width = model_channels x this
+    num_blocks: int = spec(4, ge=1, cap=1024)  # residual blocks per level
+    attn_resolutions: Tuple[int, ...] = spec((16,), ge=1, cap=16384)  # resolutions (pixels) with self-attention
+    channels_last: bool = True             # UNet activations and conv weights channels_last on CUDA (layout only)
+
+    def check(self):
+        levels = 1 << (len(self.channel_mult) - 1)
+        if self.img_resolution % levels:
+            raise ConfigError(f"model.img_resolution={self.img_resolution} must be divisible by 2^(len(model."
+                              f"channel_mult) - 1) = {levels}")
+        problem = _groupnorm_problem(self)
+        if problem:
+            raise ConfigError(problem)
+
+    def backbone_kwargs(self) -> dict:
+        return dict(model_channels=self.model_channels, channel_mult=list(self.channel_mult),
+                    channel_mult_emb=self.channel_mult_emb, num_blocks=self.num_blocks,
+                    attn_resolutions=list(self.attn_resolutions), dropout=self.dropout,
+                    label_dropout=self.class_dropout_prob, s_embed=self.s_embed, channels_last=self.channels_last)
+
+    @classmethod
+    def network_kwargs(cls, img_resolution, img_channels, label_dim, model_kwargs) -> dict:
+        kw = {k: v for k, v in model_kwargs.items() if k not in ("in_channels", "out_channels", "img_channels")}
+        return dict(img_resolution=img_resolution, in_channels=img_channels, out_channels=img_channels,
+                    label_dim=label_dim, **kw)
+
+    @classmethod
+    def owns(cls, state_dict) -> bool:
+        unet = any(k.startswith("model.enc.") for k in state_dict)
+        return unet and any(k.startswith("model.out_conv.") for k in state_dict) == (cls is DhariwalUNetConfig)
+
+    @classmethod
+    def infer(cls, state_dict, num_heads=None, source="the state dict") -> dict:
+        try:
+            return infer_unet_kwargs(state_dict)
+        except (KeyError, StopIteration, IndexError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{str(source)!r} is not an IMM UNet state dict ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def min_params(cls, kw: dict) -> int:
+        # The encoder's conv1 weights alone (num_blocks per level, C x C x 3 x 3): a lower bound on the count.
+        kw = declared(cls, kw)
+        return int(sum(kw["num_blocks"] * 9 * (kw["model_channels"] * m) ** 2 for m in kw["channel_mult"]))
+
+
+@register
+@dataclass(frozen=True)
+class SongUNetConfig(_UNetConfig):
+    name = "SongUNet"
+    network = SongUNet
+
+    channel_mult_noise: int = spec(1, ge=1, cap=256)  # time-feature width = model_channels x this (2 for NCSN++)
+    embedding_type: str = spec("positional", choices=EMBEDDING_TYPES)  # time features: sinusoidal or Fourier
+    encoder_type: str = spec("standard", choices=ENCODER_TYPES)  # encoder: "standard" (DDPM++), "skip" or
+                                           # "residual" (NCSN++)
+    decoder_type: str = spec("standard", choices=DECODER_TYPES)  # decoder: "standard" or "skip"
+    resample_filter: Tuple[int, ...] = spec((1, 1), ge=1, cap=1024, min_len=1)  # up/down FIR: (1, 1) DDPM++,
+                                           # (1, 3, 3, 1) NCSN++
+
+    def backbone_kwargs(self) -> dict:
+        return dict(super().backbone_kwargs(), embedding_type=self.embedding_type,
+                    channel_mult_noise=self.channel_mult_noise, encoder_type=self.encoder_type,
+                    decoder_type=self.decoder_type, resample_filter=list(self.resample_filter))
+
+
+@register
+@dataclass(frozen=True)
+class DhariwalUNetConfig(_UNetConfig):
+    name = "DhariwalUNet"
+    network = DhariwalUNet
+
+    embedding_type: str = spec("positional", choices=EMBEDDING_TYPES[:1])  # time features: ADM's are positional
+                                           # only
+
+
+def infer_unet_kwargs(sd) -> dict:
+    """SongUNet / DhariwalUNet IMM(**...) keywords from the names and shapes of a state dict (model. prefix)."""
+    song = not any(k.startswith("model.out_conv.") for k in sd)
+    enc, attn = _encoder_layout(sd)
+    conv = next(k for k in sd if re.match(r"model\.enc\.\d+x\d+_conv\.weight$", k))
+    res = int(conv.split(".")[2].split("x")[0])
+    noise_ch = sd["model.map_layer0.weight"].shape[1]
+    emb_ch = sd["model.map_layer0.weight"].shape[0]
+    mc = sd[conv].shape[0] if song else noise_ch  # Song: the stem conv is model_channels wide; ADM: the features
+    levels = sorted(enc, reverse=True)
+    label_key = "model.map_label.weight"
+    kw = dict(img_resolution=res, img_channels=sd[conv].shape[1], model_type="SongUNet" if song else "DhariwalUNet",
+              label_dim=sd[label_key].shape[1] if label_key in sd else 0, model_channels=mc,
+              channel_mult=[enc[r][0] // mc for r in levels], channel_mult_emb=emb_ch // mc,
+              num_blocks=len(enc[levels[0]]), attn_resolutions=sorted(attn, reverse=True),
+              s_embed="model.map_layer0_s.weight" in sd)
+    if "model.map_augment.weight" in sd:
+        kw["augment_dim"] = sd["model.map_augment.weight"].shape[1]
+    if song:
+        kw.update(_song_switches(sd, noise_ch // mc))
+    return kw
+
+
+def _encoder_layout(sd):
+    """({resolution: {block index: out channels}}, resolutions with attention) of the encoder."""
+    enc, attn = {}, set()
+    for k, v in sd.items():
+        m = re.match(r"model\.enc\.(\d+)x\d+_block(\d+)\.conv1\.weight$", k)
+        if m:
+            enc.setdefault(int(m[1]), {})[int(m[2])] = v.shape[0]
+        m = re.match(r"model\.enc\.(\d+)x\d+_block\d+\.qkv\.weight$", k)
+        if m:
+            attn.add(int(m[1]))
+    if not enc:
+        raise KeyError("model.enc.<R>x<R>_block0.conv1.weight")
+    return enc, attn
+
+
+def _song_switches(sd, channel_mult_noise) -> dict:
+    f = next((v for k, v in sd.items() if k.endswith("resample_filter")), None)
+    taps = [1, 1]
+    if f is not None:  # f = outer(f1, f1) / sum(f1)^2: its diagonal's square root is f1 / sum(f1)
+        f1 = f.reshape(f.shape[-2], f.shape[-1]).diagonal().double().sqrt()
+        taps = [int(round(v)) for v in (f1 / f1.min()).tolist()]
+    return dict(embedding_type="fourier" if "model.map_noise.freqs" in sd else "positional",
+                channel_mult_noise=channel_mult_noise, resample_filter=taps,
+                encoder_type="residual" if any("_aux_residual" in k for k in sd) else
+                "skip" if any("_aux_skip" in k for k in sd) else "standard",
+                decoder_type="skip" if sum(k.endswith("_aux_conv.weight") for k in sd) > 1 else "standard")
