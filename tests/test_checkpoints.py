@@ -10,6 +10,7 @@ import time
 import types
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,7 +76,8 @@ def test_evaluate_loads_and_records_the_checkpoint_the_resolver_chooses(tmp_path
         loaded.append(Path(path))
         raise Stop
 
-    monkeypatch.setattr(E, "load_inception", lambda inception, dev: (None, want))
+    monkeypatch.setattr(E, "_load_nets", lambda metrics, specs, dev: [])  # no feature network needed to get there
+    monkeypatch.setattr(E, "load_reference", lambda *a, **k: SimpleNamespace(info={}))
     monkeypatch.setattr(imm_fast.checkpoints, "load_official", fake_load)
     with pytest.raises(Stop):
         E.evaluate(run, tmp_path / "ref.npz", num=2, steps=(1,), progress=False)
@@ -474,6 +476,6 @@ def test_no_import_circle_through_the_checkpoints_or_the_hub():
         return False
 
     ours = [m for m in mods if m.startswith("imm_fast.checkpoints.") or m == "imm_fast.hub"]
-    assert len(ours) >= 9
+    assert len(ours) >= 8  # the package modules and the hub: the check is not vacuous
     circles = [m for m in ours if reaches(m, m, set())]
     assert not circles, circles
