@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "train", "sample", "mmd_loss", "load_official", "build_model", "evaluate",
+    "train", "sample", "mmd_loss", "mmd_loss_ref", "load_official", "build_model", "evaluate",
     "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "SampleConfig", "PRESETS",
 ]
 
@@ -16,6 +16,7 @@ _LAZY = {
     "train": ("imm_fast.training", "train"),
     "sample": ("imm_fast.sampling", "sample"),
     "mmd_loss": ("imm_fast.ops.mmd", "mmd_loss"),
+    "mmd_loss_ref": ("imm_fast.ops.mmd", "mmd_loss_ref"),
     "load_official": ("imm_fast.checkpoint", "load_official"),
     "build_model": ("imm_fast.models", "build_model"),
     "evaluate": ("imm_fast.evaluation", "evaluate"),

@@ -1,4 +1,4 @@
-"""Fused grouped MMD (IMM paper Eq. 12-13): one Triton launch gives MMD2_g and, when asked, dMMD2_g/dx, dMMD2_g/dy.
+"""Fused grouped MMD (the IMM loss's MMD^2 estimate; see imm_fast.mmd_loss_ref): one Triton launch gives MMD2_g and, when asked, dMMD2_g/dx, dMMD2_g/dy.
 
 Shapes: B rows = G groups x M particles (group g owns rows g*M .. g*M+M-1), D values per row, MP = next power of
 two >= M. The group's tile Z is [X_g; Y_g] padded to 2*MP rows: x rows at 0..M-1, y rows at MP..MP+M-1 (padded rows
