@@ -142,7 +142,7 @@ def _pair_terms(q, s, inv_D, eps, RBF: tl.constexpr, LIBDEVICE: tl.constexpr):
 def _level_terms(acc, bad, scr_ptr, M, s, inv_D, inv_m2, eps, N: tl.constexpr, H: tl.constexpr,
                  RBF: tl.constexpr, LIBDEVICE: tl.constexpr):
     """Level H of the 2MP = N stacked rows after pass 1: writes sigma_a sigma_b (k - 1) of its pairs, both orders,
-    into the (N, N) scratch and returns W of its pairs (N / 2K, K, K), NaN when the group is bad."""
+    into the scratch's first (N, N) square and W_ij (i < j; NaN when the group is bad) into its second."""
     A: tl.constexpr = N >> (H + 1)
     K: tl.constexpr = 1 << H
     MP: tl.constexpr = N // 2
@@ -156,25 +156,29 @@ def _level_terms(acc, bad, scr_ptr, M, s, inv_D, inv_m2, eps, N: tl.constexpr, H
     term = tl.where(valid, sign * em1, 0.0)
     tl.store(scr_ptr + i * N + j, term)
     tl.store(scr_ptr + j * N + i, term)
-    w = tl.where(valid, (2.0 * inv_m2) * sign * coef, 0.0)
-    return tl.where(bad, float("nan"), w)
+    w = tl.where(bad, float("nan"), tl.where(valid, (2.0 * inv_m2) * sign * coef, 0.0))
+    tl.store(scr_ptr + N * N + i * N + j, w)  # W is symmetric; pass 2 reads the entries it needs
 
 
 @triton.jit
-def _split_w(w, MP: tl.constexpr, H: tl.constexpr):
-    """W of a level below the top, (2A, K, K) -> its x-x pairs and its y-y pairs, (A, K, K) each."""
+def _w_level(scr_ptr, half, MP: tl.constexpr, H: tl.constexpr):
+    """W of level H's pairs within one half (0: x rows, 1: y rows), (A, K, K), from the scratch."""
     A: tl.constexpr = MP >> (H + 1)
     K: tl.constexpr = 1 << H
-    return tl.split(tl.permute(tl.reshape(w, (2, A, K, K)), (1, 2, 3, 0)))
+    i = half * MP + tl.arange(0, A)[:, None, None] * (2 * K) + tl.arange(0, K)[None, :, None]
+    j = half * MP + tl.arange(0, A)[:, None, None] * (2 * K) + K + tl.arange(0, K)[None, None, :]
+    return tl.load(scr_ptr + (2 * MP) * (2 * MP) + i * (2 * MP) + j)
 
 
 @triton.jit
-def _level_grad(g, z, w, MP: tl.constexpr, H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _level_grad(g, z, scr_ptr, half, MP: tl.constexpr, H: tl.constexpr, BLOCK_D: tl.constexpr):
     """g + the gradient terms of level H's pairs within one half: row i gets W_ij (z_i - z_j), row j gets
-    W_ij (z_j - z_i), from one difference per pair."""
+    W_ij (z_j - z_i), from one difference per pair. W comes from the scratch (L1) each step: held in registers
+    next to the tiles it would spill at MP = 8."""
     if (2 << H) <= MP:
         A: tl.constexpr = MP >> (H + 1)
         K: tl.constexpr = 1 << H
+        w = _w_level(scr_ptr, half, MP, H)             # (A, K, K)
         d = _level_diff(z, MP, H, BLOCK_D)             # (A, K, K, BLOCK_D)
         g_lo = tl.sum(w[:, :, :, None] * d, axis=2)    # (A, K, BLOCK_D)
         g_hi = tl.sum((-w)[:, :, :, None] * d, axis=1)  # (A, K, BLOCK_D)
@@ -202,7 +206,7 @@ def _mmd_fwd_kernel(
     gy_ptr,       # (B, D) out, contiguous, dtype of y: dMMD2_g/dy (untouched unless NEED_GY)
     mmd_ptr,      # (G,) out fp32: MMD2_g
     scale_ptr,    # (G,) fp32: kernel scale s_g (w~ in the paper)
-    scr_ptr,      # (programs, 2MP, 2MP) fp32 scratch: one group's sigma_a sigma_b (k(z_a, z_b) - 1)
+    scr_ptr,      # (programs, 2, 2MP, 2MP) fp32 scratch: one group's sigma_a sigma_b (k(z_a, z_b) - 1), then W
     stride_x,     # elements between rows of x
     stride_y,     # elements between rows of y
     D,            # values per row
@@ -249,75 +253,56 @@ def _mmd_fwd_kernel(
         # summing level by level would add O(1) partial sums whose difference is the ~1e-7 result.
         s = tl.load(scale_ptr + g)
         bad = tl.sum(chk, axis=0) != 0.0  # NaN != 0
-        scr = scr_ptr + tl.program_id(0) * (N * N)
+        scr = scr_ptr + tl.program_id(0) * (2 * N * N)
         rows = tl.arange(0, N)
+        tl.debug_barrier()  # every thread is done reading the previous group's scratch
         em1_0, _ = _pair_terms(tl.zeros((N,), dtype=tl.float32), s, inv_D, eps, RBF, LIBDEVICE)  # distance 0
         tl.store(scr + rows * (N + 1), tl.where(tl.where(rows < MP, rows, rows - MP) < M, em1_0, 0.0))
-        w0 = _level_terms(acc0, bad, scr, M, s, inv_D, inv_m2, eps, N, 0, RBF, LIBDEVICE)
+        _level_terms(acc0, bad, scr, M, s, inv_D, inv_m2, eps, N, 0, RBF, LIBDEVICE)
         if N >= 4:
-            w1 = _level_terms(acc1, bad, scr, M, s, inv_D, inv_m2, eps, N, 1, RBF, LIBDEVICE)
+            _level_terms(acc1, bad, scr, M, s, inv_D, inv_m2, eps, N, 1, RBF, LIBDEVICE)
         if N >= 8:
-            w2 = _level_terms(acc2, bad, scr, M, s, inv_D, inv_m2, eps, N, 2, RBF, LIBDEVICE)
+            _level_terms(acc2, bad, scr, M, s, inv_D, inv_m2, eps, N, 2, RBF, LIBDEVICE)
         if N >= 16:
-            w3 = _level_terms(acc3, bad, scr, M, s, inv_D, inv_m2, eps, N, 3, RBF, LIBDEVICE)
-        tl.debug_barrier()  # the square is written by all threads
+            _level_terms(acc3, bad, scr, M, s, inv_D, inv_m2, eps, N, 3, RBF, LIBDEVICE)
+        tl.debug_barrier()  # the squares are written by all threads
         total = tl.sum(tl.sum(tl.load(scr + rows[:, None] * N + rows[None, :]), axis=1), axis=0) * inv_m2
         tl.store(mmd_ptr + g, tl.where(bad, float("nan"), total))
-        tl.debug_barrier()  # read before the next group writes it
 
         if NEED_GX or NEED_GY:
-            _grad_pass(x_ptr, y_ptr, gx_ptr, gy_ptr, row0, stride_x, stride_y, D, M, n_d, arange_d,
-                       w0, w1 if N >= 4 else w0, w2 if N >= 8 else w0, w3 if N >= 16 else w0,
+            _grad_pass(x_ptr, y_ptr, gx_ptr, gy_ptr, scr, row0, stride_x, stride_y, D, M, n_d, arange_d,
                        NEED_GX, NEED_GY, MP, BLOCK_D)
 
 
 @triton.jit
-def _grad_pass(x_ptr, y_ptr, gx_ptr, gy_ptr, row0, stride_x, stride_y, D, M, n_d, arange_d, w0, w1, w2, w3,
+def _grad_pass(x_ptr, y_ptr, gx_ptr, gy_ptr, scr_ptr, row0, stride_x, stride_y, D, M, n_d, arange_d,
                NEED_GX: tl.constexpr, NEED_GY: tl.constexpr, MP: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pass 2 of one group: gradient rows from differences, D in reverse (the last columns of pass 1 are the
-    likeliest still in L2), each written once. w0..w3: the levels' W (the top level is the x-y block)."""
-    # Per-half W of the levels below the top (x-x and y-y pairs), and the x-y block (MP, MP).
-    if MP >= 2:
-        wx0, wy0 = _split_w(w0, MP, 0)
-        w_top = w1
-    else:
-        wx0 = w0
-        wy0 = w0
-        w_top = w0
-    if MP >= 4:
-        wx1, wy1 = _split_w(w1, MP, 1)
-        w_top = w2
-    else:
-        wx1 = wx0
-        wy1 = wy0
-    if MP >= 8:
-        wx2, wy2 = _split_w(w2, MP, 2)
-        w_top = w3
-    else:
-        wx2 = wx0
-        wy2 = wy0
-    w_xy = tl.reshape(w_top, (MP, MP))
-    # One sweep per gradient: W of one half at a time stays in registers (both at once would spill at MP = 8).
+    likeliest still in L2), each written once; one sweep per gradient. W from the scratch's second square."""
+    N: tl.constexpr = 2 * MP
+    i_x = tl.arange(0, MP)[:, None]
+    j_y = MP + tl.arange(0, MP)[None, :]
     if NEED_GX:
         for t in range(0, n_d):
             offs_d = (n_d - 1 - t) * BLOCK_D + arange_d
             zx = _load_rows(x_ptr, row0, stride_x, M, offs_d, D, MP, "evict_last")  # (MP, BLOCK_D)
             zy = _load_rows(y_ptr, row0, stride_y, M, offs_d, D, MP, "evict_first" if NEED_GY else "evict_last")
+            w_xy = tl.load(scr_ptr + N * N + i_x * N + j_y)  # (MP, MP): W of (x_i, y_j)
             gx = tl.sum(w_xy[:, :, None] * (zx[:, None, :] - zy[None, :, :]), axis=1)  # W_ij (x_i - y_j)
-            gx = _level_grad(gx, zx, wx0, MP, 0, BLOCK_D)
-            gx = _level_grad(gx, zx, wx1, MP, 1, BLOCK_D)
-            gx = _level_grad(gx, zx, wx2, MP, 2, BLOCK_D)
+            gx = _level_grad(gx, zx, scr_ptr, 0, MP, 0, BLOCK_D)
+            gx = _level_grad(gx, zx, scr_ptr, 0, MP, 1, BLOCK_D)
+            gx = _level_grad(gx, zx, scr_ptr, 0, MP, 2, BLOCK_D)
             _store_rows(gx_ptr, row0, M, offs_d, D, gx, MP)
     if NEED_GY:
         for t in range(0, n_d):
             offs_d = (n_d - 1 - t) * BLOCK_D + arange_d
             zx = _load_rows(x_ptr, row0, stride_x, M, offs_d, D, MP, "evict_first")
             zy = _load_rows(y_ptr, row0, stride_y, M, offs_d, D, MP, "evict_first")
-            gy = tl.sum(w_xy[:, :, None] * (zx[:, None, :] - zy[None, :, :]), axis=0)  # W_ij (y_j - x_i), negated
-            gy = -gy
-            gy = _level_grad(gy, zy, wy0, MP, 0, BLOCK_D)
-            gy = _level_grad(gy, zy, wy1, MP, 1, BLOCK_D)
-            gy = _level_grad(gy, zy, wy2, MP, 2, BLOCK_D)
+            w_xy = tl.load(scr_ptr + N * N + i_x * N + j_y)
+            gy = -tl.sum(w_xy[:, :, None] * (zx[:, None, :] - zy[None, :, :]), axis=0)  # W_ij (y_j - x_i)
+            gy = _level_grad(gy, zy, scr_ptr, 1, MP, 0, BLOCK_D)
+            gy = _level_grad(gy, zy, scr_ptr, 1, MP, 1, BLOCK_D)
+            gy = _level_grad(gy, zy, scr_ptr, 1, MP, 2, BLOCK_D)
             _store_rows(gy_ptr, row0, M, offs_d, D, gy, MP)
 
 
@@ -472,7 +457,7 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     group_bytes = 2 * M * D * max(x2d.element_size(), y2d.element_size())
     grid = (_programs(x2d.device, G * nb, group_bytes),)
     N = 2 * p["MP"]
-    scratch = torch.empty((grid[0] * N * N if nb == 1 else 1,), device=x2d.device, dtype=torch.float32)
+    scratch = torch.empty((grid[0] * 2 * N * N if nb == 1 else 1,), device=x2d.device, dtype=torch.float32)
     args = (x2d, y2d, gx if need_gx else x2d, gy if need_gy else y2d, out, scale, scratch,
             x2d.stride(0), y2d.stride(0), D, M, G, 1.0 / D if normalize_dim else 1.0, 1.0 / (M * M), float(eps))
     # libdevice on every GPU target (also meta tensors compiled for one); the CPU interpreter has none.
