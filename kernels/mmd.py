@@ -38,7 +38,7 @@ from triton.language.extra import libdevice
 
 _MAX_MP_PAIRS = 8      # groups of up to this many particles use the pair-level kernel
 _PAIR_REGS = 128       # per-thread fp32 pair accumulators aimed at (pairs x columns per thread); more spills
-_ROWS_REGS = 64        # the same for the rows kernel, whose pass 2 also holds a (BM, 2MP) W
+_ROWS_REGS = 32        # the same for the rows kernel, whose pass 2 also holds a (BM, 2MP) W
 _WARPS = 8
 _L2_SHARE = 0.5        # of the L2 the groups in flight may fill (the gradient rows written also pass through it)
 _PROGRAMS_PER_SM = 8   # at most; fewer when the groups in flight would not fit in L2
