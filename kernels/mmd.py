@@ -1,8 +1,9 @@
-"""Fused grouped MMD (the IMM loss's MMD^2 estimate; see imm_fast.mmd_loss_ref): one Triton launch gives MMD2_g and, when asked, dMMD2_g/dx, dMMD2_g/dy.
+"""Fused grouped MMD (the IMM loss's MMD^2 estimate; formula in imm_fast.mmd_loss_ref): one Triton launch gives
+MMD2_g and, when asked, dMMD2_g/dx and dMMD2_g/dy.
 
 Shapes: B rows = G groups x M particles (group g owns rows g*M .. g*M+M-1), D values per row, MP = next power of
-two >= M. The group's tile Z is [X_g; Y_g] padded to 2*MP rows: x rows at 0..M-1, y rows at MP..MP+M-1 (padded rows
-are zeros and masked out), sigma_a = +1 for x rows and -1 for y rows, so
+two >= M. The group's tile Z is [X_g; Y_g] padded to 2*MP rows: x rows at 0..M-1, y rows at MP..MP+M-1
+(padded rows are zeros and masked out), sigma_a = +1 for x rows and -1 for y rows, so
   MMD2_g = (1/M^2) sum_ab sigma_a sigma_b k(z_a, z_b)
   dMMD2_g/dz_a = sum_b W_ab (z_a - z_b),  W_ab = (2/M^2) sigma_a sigma_b k'(d_ab)  (k' = dk/dz_a / (z_a - z_b))
 Distances and gradients are both formed from differences (never ||a||^2 + ||b||^2 - 2ab, nor rowsum(W) z_a - W Z):
@@ -15,21 +16,25 @@ The D axis lies across lanes and warps and every pair is accumulated per lane: t
 reduction (no shuffles, no barriers); the one reduction over lanes follows pass 1. The number of programs is sized
 so that the groups in flight fit in half of L2, so pass 2 finds its rows there: HBM traffic is read x and y once,
 write each gradient once (3N elements with N = B*D in the IMM case, gradient for x only; 4N for both).
+The custom op's backward then scales the stored gradient by dL/dMMD2_g (read and write it once more).
 
 Pair structure (groups of up to 8 particles, `_mmd_fwd_kernel`): the 2*MP rows are paired level by level,
 level h pairing rows (2aK + k, 2aK + K + l) with K = 2^h: levels below the top pair x with x and y with y, the
 top level pairs x with y, and together they hold every unordered pair once (MP (2MP - 1) pairs, no redundant
 half). The level views are reshapes of the register tile (rows live in each thread), so they cost no data
-movement. Larger groups (`_mmd_rows_kernel`): work items (group, block of BM rows), each summing its rows against
-all 2*MP rows (both orders of a pair; the block's rows are re-read from L1/L2, not HBM).
+movement; after pass 1 the pair terms go through a per-program scratch (2 x 2MP x 2MP fp32, L1): the MMD2 sum
+is taken row by row over the square (k(x_i, x_j) - k(x_i, y_j) cancel early when y ~ x) and pass 2 reads W from
+it each step rather than holding it in registers. Larger groups (`_mmd_rows_kernel`): one work item per (group,
+row), summing that row against all 2MP rows (both orders of a pair, one program per row to stay within the
+registers): no shuffles in the loops either, but each row's program re-reads the group from L2 (2MP-fold L2
+traffic; HBM still sees each value once while the items of a group run together), so M > 8 is compute- and
+L2-bound rather than at the HBM floor.
 
 Non-finite input: a NaN or +-inf anywhere in a group's rows makes MMD2_g NaN and every entry of that group's
 gradient rows NaN (as the C++/CUDA kernels and mmd_loss_ref do); other groups are untouched.
 No atomics: several row blocks of one group write one partial each, summed by the launcher in a fixed order.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -38,7 +43,7 @@ from triton.language.extra import libdevice
 
 _MAX_MP_PAIRS = 8      # groups of up to this many particles use the pair-level kernel
 _PAIR_REGS = 128       # per-thread fp32 pair accumulators aimed at (pairs x columns per thread); more spills
-_ROWS_REGS = 32        # the same for the rows kernel, whose pass 2 also holds a (BM, 2MP) W
+_ROWS_REGS = 32        # the same for the rows kernel (its pass 2 also holds a (BM, 2MP) W); 64 spilled at MP = 16
 _WARPS = 8
 _L2_SHARE = 0.5        # of the L2 the groups in flight may fill (the gradient rows written also pass through it)
 _PROGRAMS_PER_SM = 8   # at most; fewer when the groups in flight would not fit in L2
@@ -461,8 +466,8 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     args = (x2d, y2d, gx if need_gx else x2d, gy if need_gy else y2d, out, scale, scratch,
             x2d.stride(0), y2d.stride(0), D, M, G, 1.0 / D if normalize_dim else 1.0, 1.0 / (M * M), float(eps))
     # libdevice on every GPU target (also meta tensors compiled for one); the CPU interpreter has none.
-    meta = dict(RBF=bool(rbf), LIBDEVICE=x2d.device.type != "cpu", NEED_GX=bool(need_gx), NEED_GY=bool(need_gy), MP=p["MP"],
-                BLOCK_D=p["BLOCK_D"], VEC=p["VEC"], num_warps=p["num_warps"])
+    meta = dict(RBF=bool(rbf), LIBDEVICE=x2d.device.type != "cpu", NEED_GX=bool(need_gx), NEED_GY=bool(need_gy),
+                MP=p["MP"], BLOCK_D=p["BLOCK_D"], VEC=p["VEC"], num_warps=p["num_warps"])
     with _device_guard(x2d.device):
         if p["kernel"] == "pairs":
             _mmd_fwd_kernel[grid](*args, **meta)
