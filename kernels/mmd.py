@@ -228,13 +228,17 @@ def _mmd_fwd_kernel(
     MP: tl.constexpr,         # next power of two >= M, at most 8
     BLOCK_D: tl.constexpr,    # columns per step: 32 * num_warps * VEC
     VEC: tl.constexpr,        # contiguous columns per thread (one vector load per row)
+    N_D: tl.constexpr,        # 0 (compiled), or cdiv(D, BLOCK_D) for the CPU interpreter (one group per program)
 ):
     N: tl.constexpr = 2 * MP
     # Columns in runs of VEC per thread: the loads' layout then keeps every row in each thread (the pair views
     # are register renames, no shared-memory round trip).
     arange_d = tl.max_contiguous(tl.arange(0, BLOCK_D), VEC)
-    n_d = tl.cdiv(D, BLOCK_D)
-    for g in range(tl.program_id(0), G, tl.num_programs(0)):
+    # Compiled: persistent programs. The CPU interpreter (N_D > 0): one group per program and Python ints as loop
+    # bounds, written inline: triton 3.6's interpreter turns every assigned value into a tensor that range()
+    # cannot take.
+    for it in range(0 if N_D > 0 else tl.program_id(0), 1 if N_D > 0 else G, 1 if N_D > 0 else tl.num_programs(0)):
+        g = tl.program_id(0) if N_D > 0 else it
         row0 = g * M
         # Pass 1: per-lane squared distances of every pair (levels 0..3 of up to 16 stacked rows), and
         # chk = sum z * 0: 0, or NaN when the group holds a NaN or an inf.
@@ -243,7 +247,7 @@ def _mmd_fwd_kernel(
         acc2 = _level_zeros(N, 2, BLOCK_D)
         acc3 = _level_zeros(N, 3, BLOCK_D)
         chk = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for t in range(0, n_d):
+        for t in range(0, N_D if N_D > 0 else tl.cdiv(D, BLOCK_D)):
             offs_d = t * BLOCK_D + arange_d
             z = _stack(_load_rows(x_ptr, row0, stride_x, M, offs_d, D, MP, "evict_last"),
                        _load_rows(y_ptr, row0, stride_y, M, offs_d, D, MP, "evict_last"), MP, BLOCK_D)
@@ -275,8 +279,8 @@ def _mmd_fwd_kernel(
         tl.store(mmd_ptr + g, tl.where(bad, float("nan"), total))
 
         if NEED_GX or NEED_GY:
-            _grad_pass(x_ptr, y_ptr, gx_ptr, gy_ptr, scr, row0, stride_x, stride_y, D, M, n_d, arange_d,
-                       NEED_GX, NEED_GY, MP, BLOCK_D)
+            _grad_pass(x_ptr, y_ptr, gx_ptr, gy_ptr, scr, row0, stride_x, stride_y, D, M,
+                       N_D if N_D > 0 else tl.cdiv(D, BLOCK_D), arange_d, NEED_GX, NEED_GY, MP, BLOCK_D)
 
 
 @triton.jit
@@ -326,15 +330,18 @@ def _mmd_rows_kernel(
     BM: tl.constexpr,       # rows per block; NB = 2MP / BM blocks per group, each wholly x rows or y rows
     BLOCK_D: tl.constexpr,  # columns per step: 32 * num_warps * VEC
     VEC: tl.constexpr,      # contiguous columns per thread
+    N_D: tl.constexpr,      # as in _mmd_fwd_kernel
 ):
     N: tl.constexpr = 2 * MP
     NB: tl.constexpr = N // BM
     arange_d = tl.max_contiguous(tl.arange(0, BLOCK_D), VEC)
-    n_d = tl.cdiv(D, BLOCK_D)
     rows_j = tl.arange(0, N)
     real_j = tl.where(rows_j < MP, rows_j, rows_j - MP) < M
     # Items (g, ib) in order: the programs running at one time share a group, whose rows then come from L2.
-    for item in range(tl.program_id(0), G * NB, tl.num_programs(0)):
+    # Loop bounds as in _mmd_fwd_kernel.
+    for it in range(0 if N_D > 0 else tl.program_id(0), 1 if N_D > 0 else G * NB,
+                    1 if N_D > 0 else tl.num_programs(0)):
+        item = tl.program_id(0) if N_D > 0 else it
         g = item // NB
         ib = item % NB
         row0 = g * M
@@ -343,7 +350,7 @@ def _mmd_rows_kernel(
         rows_i = ib * BM + tl.arange(0, BM)            # indices into the stacked rows
         acc = tl.zeros((BM, N, BLOCK_D), dtype=tl.float32)
         chk = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for t in range(0, n_d):
+        for t in range(0, N_D if N_D > 0 else tl.cdiv(D, BLOCK_D)):
             offs_d = t * BLOCK_D + arange_d
             zj = _stack(_load_rows(x_ptr, row0, stride_x, M, offs_d, D, MP, "evict_last"),
                         _load_rows(y_ptr, row0, stride_y, M, offs_d, D, MP, "evict_last"), MP, BLOCK_D)
@@ -363,12 +370,12 @@ def _mmd_rows_kernel(
         w = tl.where(bad, float("nan"), tl.where(valid, (2.0 * inv_m2) * sign * coef, 0.0))  # (BM, N)
         if NEED_GX:
             if is_x:
-                _block_grad(x_ptr, y_ptr, gx_ptr, w, row0, blk0, is_x, stride_x, stride_y, M, D, n_d, arange_d,
-                            MP, BM, BLOCK_D)
+                _block_grad(x_ptr, y_ptr, gx_ptr, w, row0, blk0, is_x, stride_x, stride_y, M, D,
+                            N_D if N_D > 0 else tl.cdiv(D, BLOCK_D), arange_d, MP, BM, BLOCK_D)
         if NEED_GY:
             if not is_x:
-                _block_grad(x_ptr, y_ptr, gy_ptr, w, row0, blk0, is_x, stride_x, stride_y, M, D, n_d, arange_d,
-                            MP, BM, BLOCK_D)
+                _block_grad(x_ptr, y_ptr, gy_ptr, w, row0, blk0, is_x, stride_x, stride_y, M, D,
+                            N_D if N_D > 0 else tl.cdiv(D, BLOCK_D), arange_d, MP, BM, BLOCK_D)
 
 
 @triton.jit
@@ -460,14 +467,16 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     nb = 1 if p["kernel"] == "pairs" else 2 * p["MP"] // p["BM"]
     out = torch.empty((G * nb,), device=x2d.device, dtype=torch.float32)  # (G,) or (G, NB) partials
     group_bytes = 2 * M * D * max(x2d.element_size(), y2d.element_size())
-    grid = (_programs(x2d.device, G * nb, group_bytes),)
+    interpret = x2d.device.type == "cpu"  # the Triton interpreter: one program per work item, Python loop bounds
+    grid = (G * nb,) if interpret else (_programs(x2d.device, G * nb, group_bytes),)
     N = 2 * p["MP"]
     scratch = torch.empty((grid[0] * 2 * N * N if nb == 1 else 1,), device=x2d.device, dtype=torch.float32)
     args = (x2d, y2d, gx if need_gx else x2d, gy if need_gy else y2d, out, scale, scratch,
             x2d.stride(0), y2d.stride(0), D, M, G, 1.0 / D if normalize_dim else 1.0, 1.0 / (M * M), float(eps))
     # libdevice on every GPU target (also meta tensors compiled for one); the CPU interpreter has none.
     meta = dict(RBF=bool(rbf), LIBDEVICE=x2d.device.type != "cpu", NEED_GX=bool(need_gx), NEED_GY=bool(need_gy),
-                MP=p["MP"], BLOCK_D=p["BLOCK_D"], VEC=p["VEC"], num_warps=p["num_warps"])
+                MP=p["MP"], BLOCK_D=p["BLOCK_D"], VEC=p["VEC"], num_warps=p["num_warps"],
+                N_D=triton.cdiv(D, p["BLOCK_D"]) if interpret else 0)
     with _device_guard(x2d.device):
         if p["kernel"] == "pairs":
             _mmd_fwd_kernel[grid](*args, **meta)
