@@ -30,6 +30,11 @@ registers): no shuffles in the loops either, but each row's program re-reads the
 traffic; HBM still sees each value once while the items of a group run together), so M > 8 is compute- and
 L2-bound rather than at the HBM floor.
 
+Compiler versions: the loop structure above (no shuffles or barriers in the D loops, no spills) is what triton
+3.9 compiles for sm_80 and sm_90. triton 3.6 compiles the same kernels correctly, but lowers the register views
+(join / permute / split) through shared memory: its D loops hold barriers (up to 48 per step at M = 4) and the
+finiteness sum a few shuffles. The interpreter runs under both.
+
 Non-finite input: a NaN or +-inf anywhere in a group's rows makes MMD2_g NaN and every entry of that group's
 gradient rows NaN (as the C++/CUDA kernels and mmd_loss_ref do); other groups are untouched.
 No atomics: several row blocks of one group write one partial each, summed by the launcher in a fixed order.
