@@ -1,6 +1,6 @@
 """imm_fast: Inductive Moment Matching with fused kernels.
 
-Public API: train, sample, evaluate, mmd_loss, load_official, and the config dataclasses. Importing imm_fast imports
+Public API: train, sample, evaluate, mmd_loss (mmd_loss_ref), load_official, push_to_hub, and the config dataclasses. Importing imm_fast imports
 neither triton nor a compiler; heavy modules load on first use.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "train", "sample", "mmd_loss", "load_official", "build_model", "evaluate",
+    "train", "sample", "mmd_loss", "mmd_loss_ref", "load_official", "push_to_hub", "build_model", "evaluate",
     "ModelConfig", "LossConfig", "DataConfig", "TrainConfig", "SampleConfig", "PRESETS",
 ]
 
@@ -16,7 +16,9 @@ _LAZY = {
     "train": ("imm_fast.training", "train"),
     "sample": ("imm_fast.sampling", "sample"),
     "mmd_loss": ("imm_fast.ops.mmd", "mmd_loss"),
+    "mmd_loss_ref": ("imm_fast.ops.mmd", "mmd_loss_ref"),
     "load_official": ("imm_fast.checkpoints", "load_official"),
+    "push_to_hub": ("imm_fast.checkpoints", "push_to_hub"),
     "build_model": ("imm_fast.models", "build_model"),
     "evaluate": ("imm_fast.evaluation", "evaluate"),
     "ModelConfig": ("imm_fast.config", "ModelConfig"),

@@ -1,4 +1,4 @@
-"""Grouped MMD loss of IMM (spec section 3).
+"""Grouped MMD loss of IMM (the kernel MMD^2 of the training loss; formula in mmd_loss_ref).
 
 Shapes: B rows = G groups x M particles (group g is rows g*M .. g*M+M-1), D values per row.
 
@@ -88,20 +88,29 @@ def _pair_dist(a, b, eps, kernel, twice_differentiable):
     return d.clamp_min(eps) if kernel == "laplace" else (d * d).clamp_min(eps * eps)
 
 
+# Distances accumulate in float32 for fp16/bf16/fp32 rows; from this many values per row on, in float64
+# (float32 sums over 2^22 values were measured 0.2-22% off float64).
+F64_FROM_D = 2**20
+
+
 def mmd_loss_ref(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace",
                  normalize_dim=True, reduction="mean", *, twice_differentiable=False):
-    """Grouped MMD^2 (V-statistic), the straightforward torch.cdist version.
+    """Grouped MMD^2 of IMM (Zhou, Ermon, Song 2025, "Inductive Moment Matching", the training loss's kernel
+    MMD estimate with its Laplace kernel), in plain torch: the spec, the CPU fallback and the tests' baseline.
 
-    x, y: (B, ...) with B = G*M; each row flattened to D values.
-    k(a, b) = exp(-scale_g * max(||a-b||_2, eps) / D)      kernel="laplace"
-    k(a, b) = exp(-scale_g * max(||a-b||_2^2, eps^2) / D)  kernel="rbf"
-    (D -> 1 when normalize_dim is False.)
-    MMD2_g = (1/M^2) sum_ij [k(x_i, x_j) + k(y_i, y_j) - 2 k(x_i, y_j)]
-    reduction: "mean" -> mean_g(weight_g MMD2_g); "sum" -> sum_g(...); "none" -> the (G,) vector weight_g MMD2_g.
-    Distances come from differences (cdist without the matrix-product shortcut), which does not cancel when
-    particles are close. twice_differentiable=True forms them from broadcast differences instead (G*M*M*D
-    memory): differentiable twice (create_graph=True; cdist's backward is not) and runs on fp16/bf16 CPU tensors
-    (computed in fp32, returned in their dtype).
+    x (student), y (target): (B, ...) with B = G * group_size; group g is rows g*M .. g*M+M-1 (M = group_size),
+    each row flattened to D values. With s_g = scale_g (the paper's w~(s,t)) and D -> 1 if not normalize_dim:
+      k(a, b) = exp(-s_g * max(||a - b||_2, eps) / D)          kernel="laplace" (the paper's kernel)
+      k(a, b) = exp(-s_g * max(||a - b||_2^2, eps^2) / D)      kernel="rbf"
+      MMD2_g = (1/M^2) sum_{i,j} [k(x_i, x_j) + k(y_i, y_j) - 2 k(x_i, y_j)]   (V-statistic, diagonal included)
+    Returns: reduction "mean" -> mean_g(weight_g MMD2_g), a 0-d tensor; "sum" -> sum_g(...), 0-d; "none" ->
+    the (G,) vector weight_g MMD2_g. The dtype is the promoted dtype of x and y; weight defaults to 1.
+    Accumulation: float32 for fp16/bf16/fp32 inputs (float64 rows stay float64), float64 once D >= 2^20, so
+    every dtype runs on every device and agrees with the kernels. Non-finite input: a NaN or +-inf in any row of
+    group g makes MMD2_g NaN and every gradient entry of group g's rows NaN (all backends alike); other groups
+    are unaffected. Distances come from differences (cdist without the matrix-product shortcut), which does not
+    cancel when particles are close. twice_differentiable=True forms them from broadcast differences instead
+    (G*M*M*D memory): differentiable twice (create_graph=True; cdist's backward is not).
     """
     G = check_mmd_args(x, y, group_size, scale, weight, eps, kernel, reduction)
     M = group_size
@@ -109,8 +118,7 @@ def mmd_loss_ref(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="lap
     Y = y.reshape(G, M, -1)  # (G, M, D)
     D = X.shape[-1] if normalize_dim else 1
     dt = torch.promote_types(x.dtype, y.dtype)
-    # twice_differentiable computes fp16/bf16 in fp32: eps^2 = 1e-8 would underflow to 0 there (sqrt'(0) = inf).
-    cdt = torch.float32 if twice_differentiable and dt in (torch.float16, torch.bfloat16) else dt
+    cdt = torch.float64 if dt == torch.float64 or X.shape[-1] >= F64_FROM_D else torch.float32
     X, Y = X.to(cdt), Y.to(cdt)
     s = _as_group_vector(scale, G, "scale", X).view(G, 1, 1)  # (G, 1, 1)
 
@@ -118,10 +126,21 @@ def mmd_loss_ref(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="lap
         return torch.exp(-s * _pair_dist(a, b, eps, kernel, twice_differentiable) / D)
 
     mmd2 = (k(X, X) + k(Y, Y) - 2 * k(X, Y)).mean(dim=(1, 2))  # (G,)
+    mmd2 = mmd2 + _nonfinite_poison(X, Y)
     if weight is not None:
         mmd2 = mmd2 * _as_group_vector(weight, G, "weight", mmd2)
     out = mmd2.mean() if reduction == "mean" else mmd2.sum() if reduction == "sum" else mmd2
     return out.to(dt)
+
+
+def _nonfinite_poison(X, Y):
+    """(G,): 0 for groups whose rows are finite, NaN otherwise, with gradient 0 (finite groups) or NaN (every
+    entry of a non-finite group's rows): the semantics the kernels implement. Without it autograd leaves a
+    mixture (finite entries beside NaN ones) that differs from backend to backend."""
+    finite = torch.isfinite(X).flatten(1).all(1) & torch.isfinite(Y).flatten(1).all(1)  # (G,)
+    poison = torch.where(finite, 0.0, float("nan")).to(X.dtype).view(-1, 1, 1)
+    # X * 0 = 0 for finite values (no overflow, unlike 0 * sum); d/dX = poison.
+    return (X * poison).sum(dim=(1, 2)) + (Y * poison).sum(dim=(1, 2))
 
 
 @torch.no_grad()
@@ -257,7 +276,8 @@ def _rows(t, B):
 
 def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace", normalize_dim=True,
              reduction="mean", backend=None):
-    """Grouped Laplace/RBF-kernel MMD^2 between x (student) and y (target); see mmd_loss_ref for the formula.
+    """Grouped Laplace/RBF-kernel MMD^2 between x (student) and y (target): the formula, the return shape per
+    reduction and the semantics of non-finite input are in imm_fast.mmd_loss_ref's docstring.
 
     x, y: (B, ...) with B = G * group_size; scale, weight: floats or (G,) tensors.
     backend: None (auto: the fastest available for the tensors' device: CUDA triton, CPU cpp, else torch),
