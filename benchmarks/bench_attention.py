@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -39,8 +40,8 @@ def sdpa_context(name):
     return sdpa_kernel([backend])
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_ref():
+    """A compiled function per case (reset between cases by benchmarks/conftest.py): no recompile-limit fallback."""
     return torch.compile(attention_ref)
 
 
@@ -86,7 +87,10 @@ def run_bench(benchmark, shape_name, shape, provider, mode, dtype, device):
     qkv, do = make_inputs(shape, mode, dtype, device)
     step = make_step(provider, H, mode)
     try:
-        for _ in range(3):  # warm-up: compile / autotune / backend choice
+        t0 = time.perf_counter()
+        step(qkv, do)  # compile / autotune / backend choice: reported apart from run time
+        first = time.perf_counter() - t0
+        for _ in range(2):  # warm-up
             step(qkv, do)
     except RuntimeError as e:  # an SDPA backend that does not take this shape/dtype
         pytest.skip(f"{provider} unavailable for {shape_name} {dtype}: {str(e).splitlines()[0][:120]}")
@@ -101,7 +105,8 @@ def run_bench(benchmark, shape_name, shape, provider, mode, dtype, device):
     flops = 4 * B * H * T * T * Dh * (3.5 if mode == "fwdbwd" else 1.0)
     nbytes = (12 if mode == "fwdbwd" else 4) * B * T * C * qkv.element_size()
     benchmark.extra_info.update(provider=provider, dtype=str(dtype).replace("torch.", ""), B=B, H=H, T=T, Dh=Dh,
-                                tflops=flops / t / 1e12, gbps=nbytes / t / 1e9)
+                                tflops=flops / t / 1e12, gbps=nbytes / t / 1e9, first_call_s=first,
+                                compile_s=max(0.0, first - benchmark.stats.stats.median))
     if device == "cuda":
         benchmark.extra_info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -128,8 +133,17 @@ def test_attention_cpu(benchmark, shape_name, provider, mode):
 @pytest.mark.parametrize("shape_name", list(GPU_SHAPES))
 def test_attention_gpu_ratio(ratio_bench, shape_name, mode):
     """triton against every SDPA backend that takes the shape and torch.compile(attention_ref), interleaved."""
-    B, H, T, Dh = GPU_SHAPES[shape_name]
-    qkv, do = make_inputs(GPU_SHAPES[shape_name], mode, torch.bfloat16, "cuda")
+    kw = dict(shape=list(GPU_SHAPES[shape_name]), mode=mode, dtype="bfloat16", device="cuda")
+    ratio_bench(f"attention-{shape_name}-{mode}", ratio_providers(**kw),
+                baselines=tuple(p for p in PROVIDERS if p != "triton"), rounds=10, warmup=3, device="cuda",
+                recipe=(__file__, "ratio_providers", kw))
+
+
+def ratio_providers(shape, mode, dtype, device):
+    """{provider: step} of one ratio case, leaving out an SDPA backend that refuses the shape or dtype (the
+    recipe --ratio-against rebuilds with another commit's code)."""
+    H = shape[1]
+    qkv, do = make_inputs(tuple(shape), mode, getattr(torch, dtype), device)
     steps = {}
     for p in PROVIDERS:
         step = make_step(p, H, mode)
@@ -138,8 +152,7 @@ def test_attention_gpu_ratio(ratio_bench, shape_name, mode):
         except RuntimeError:  # an SDPA backend that does not take this shape/dtype: not a baseline here
             continue
         steps[p] = functools.partial(step, qkv, do)
-    ratio_bench(f"attention-{shape_name}-{mode}", steps, baselines=tuple(p for p in PROVIDERS if p != "triton"),
-                rounds=10, warmup=3, device="cuda")
+    return steps
 
 
 def _do_bench(fn):
