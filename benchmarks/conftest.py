@@ -1,6 +1,7 @@
 """Benchmark plugins: the ratio gate (benchmarks/ratio_gate.py: --ratio-against/--ratio-baseline/--ratio-fail/
 --ratio-save, the ratio_bench fixture, the closing table, the machine facts in pytest-benchmark's JSON), one JSON
 line per finished case under IMM_FAST_RESULTS (benchmarks/results.py), and a cold compiler for every case."""
+import os
 import sys
 
 import pytest
@@ -8,6 +9,11 @@ import pytest
 from ratio_gate import (pytest_addoption, pytest_benchmark_update_machine_info, pytest_configure,  # noqa: F401
                         pytest_sessionfinish, pytest_terminal_summary, pytest_unconfigure, ratio_bench)
 from results import pytest_runtest_logreport, pytest_runtest_makereport  # noqa: F401
+
+if os.environ.get("IMM_FAST_BENCH_COMPILE_BACKEND"):  # the CPU dry run: dynamo without inductor's codegen
+    from device_run import use_compile_backend
+
+    use_compile_backend()
 
 
 @pytest.fixture(autouse=True)
