@@ -63,7 +63,7 @@ not_here() {  # REASON: the running step has nothing to do here (recorded by ste
     echo "$1" >"$SKIPPED"
 }
 skip() {  # NAME REASON
-    printf '{"kind": "step", "step": "%s", "status": "skipped", "rc": 0, "seconds": 0, "reason": "%s"}\n' \
+    printf '{"kind": "step", "step": "%s", "status": "skipped", "rc": 0, "seconds": 0.0, "reason": "%s"}\n' \
         "$1" "$2" >>"$RESULTS"
     echo "== $1: skipped ($2)"
 }

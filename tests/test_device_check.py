@@ -43,7 +43,7 @@ def test_dry_run_writes_every_file_and_times_every_step(tmp_path):
     steps = {rec["step"]: rec for rec in recs if rec["kind"] == "step"}
     assert set(STEPS) <= set(steps), steps.keys()
     assert [s for s in steps if steps[s]["status"] not in ("ok", "skipped")] == []
-    assert all(isinstance(steps[s]["seconds"], float) for s in STEPS)
+    assert all(isinstance(steps[s]["seconds"], float) and steps[s]["seconds"] >= 0 for s in STEPS)
     assert steps["attention-table"]["status"] == "skipped" and "CUDA" in steps["attention-table"]["reason"]
     assert all(steps[f"tests/{f}"]["status"] == "skipped" for f in ("test_mmd.py", "test_attention.py"))
     assert sum(1 for rec in recs if rec["kind"] == "step" and rec["step"] == "roofline") == 1  # one line a step
