@@ -15,6 +15,7 @@ speed-ups gated against a stored baseline (--ratio-baseline). No CPU ratio test:
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import pytest
@@ -25,6 +26,8 @@ from imm_fast.ops.adaln import (adaln_modulate, adaln_modulate_ref, gated_residu
 
 CUDA = torch.cuda.is_available()
 GPU_SHAPES = {"XL": (256, 256, 1152), "B": (256, 256, 768)}
+if os.environ.get("IMM_FAST_BENCH_QUICK", "0") == "1":  # the device run's budget: DiT-XL/2 only
+    GPU_SHAPES = {"XL": GPU_SHAPES["XL"]}
 CPU_SHAPES = {"cpu": (8, 64, 256)}
 TRAFFIC = {"modulate": (2, 3), "residual": (3, 4), "residual_adaln": (4, 6)}  # (fwd, bwd) in units of N
 

@@ -28,6 +28,8 @@ from imm_fast.ops.attention import attention, attention_ref
 
 CUDA = torch.cuda.is_available()
 GPU_SHAPES = {"dit-xl": (256, 16, 256, 72), "dit-b": (256, 12, 256, 64)}  # (B, H, T, Dh)
+if os.environ.get("IMM_FAST_BENCH_QUICK", "0") == "1":  # the device run's budget: DiT-XL/2 only
+    GPU_SHAPES = {"dit-xl": GPU_SHAPES["dit-xl"]}
 CPU_SHAPES = {"cpu-small": (4, 4, 64, 72)}
 PROVIDERS = ("ref-flash", "ref-efficient", "ref-cudnn", "compile", "triton")
 

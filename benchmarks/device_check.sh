@@ -105,8 +105,8 @@ build_extension() {  # the just-in-time build (imm_fast/_ext.py), in the backgro
 
 cuda_tests() {  # one timeout per file, no -x: a broken file or fixture hides nothing else
     local f t
-    for spec in "test_mmd.py:25" "test_adaln.py:20" "test_attention.py:30" "test_mmd_ext.py:15" "test_backend.py:10" \
-                "test_bench_smoke.py:10" "test_unet.py:10"; do
+    for spec in "test_mmd.py:22" "test_adaln.py:18" "test_attention.py:25" "test_mmd_ext.py:10" "test_backend.py:5" \
+                "test_bench_smoke.py:5" "test_unet.py:5"; do  # 90 s in all
         f=${spec%%:*}; t=${spec##*:}
         if [ $DRY = 1 ]; then skip "tests/$f" "needs CUDA"; continue; fi
         echo "-- tests/$f" >>"$OUT/tests.log"
@@ -116,20 +116,24 @@ cuda_tests() {  # one timeout per file, no -x: a broken file or fixture hides no
     done
 }
 
-ratios() {
-    local host
-    local args=()
+ratios() {  # one pytest run per op, each with its share of the step's time: every op gets its numbers
+    local host rc=0 args=() part spec
     host=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', (torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu').lower()).strip('-'))")
-    args=(--ratio-save "$OUT/ratio-$host.json")
+    args=(--ratio-save "$OUT/ratio-$host.json")  # merged run by run (the same host)
     [ -f "benchmarks/baselines/$host.json" ] && args+=(--ratio-baseline "benchmarks/baselines/$host.json" --ratio-fail 20%)
     if [ $DRY = 1 ]; then
-        args+=(-k "cpu_ratio and not fwdbwd" --ratio-rounds 3 benchmarks/bench_mmd.py)
+        set -- "mmd:60:cpu_ratio and not fwdbwd"
+        args+=(--ratio-rounds 3)
     else
-        args+=(-k gpu_ratio benchmarks/bench_mmd.py benchmarks/bench_adaln.py benchmarks/bench_attention.py)
+        set -- "mmd:40:gpu_ratio" "adaln:30:gpu_ratio" "attention:20:gpu_ratio"
     fi
-    "$PY" -m pytest -q -p no:cacheprovider "${args[@]}" >>"$OUT/bench.log" 2>&1
-    local rc=$?
-    sed -n '/== ratio gate ==/,$p' "$OUT/bench.log" | grep -v "^$" | head -60
+    for spec in "$@"; do
+        part=${spec%%:*}; spec=${spec#*:}
+        timeout -k 5 $(( ${spec%%:*} * SCALE )) "$PY" -m pytest -q -p no:cacheprovider -k "${spec#*:}" \
+            "benchmarks/bench_$part.py" "${args[@]}" >>"$OUT/bench.log" 2>&1 || rc=$?
+        echo "bench_$part ratios: rc $rc"
+    done
+    sed -n '/== ratio gate ==/,/^measured/p' "$OUT/bench.log" | grep -v "^$" | head -80
     return $rc
 }
 
@@ -162,7 +166,7 @@ cap_files() {  # what comes back: at most 8 files of 16 MiB; a log over the cap 
 
 export DRY OUT RESULTS PY DEVICE BUDGET_S T0 SCALE SKIPPED
 export -f step skip not_here table versions install build_extension cuda_tests ratios attention_table profile roofline
-# Timeouts: 10 + 45 + 100 + 80 + 70 + 15 + 20 + 10 = 350 s of the 360 s budget.
+# Timeouts: 10 + 45 + 90 + 75 + 95 + 10 + 15 + 10 = 350 s of the 360 s budget.
 step versions 10 versions
 if ! step install 45 install; then
     echo "install failed: stopping (imm_fast.kernels exists only through the install)"
@@ -174,12 +178,12 @@ fi
 step extension-build 150 build_extension >>"$OUT/install.log" 2>&1 &
 BUILD=$!
 export IMM_FAST_BUILD_WAIT_S=10  # a case that wants the extension mid-build gives up quickly (reference path)
-if [ $DRY = 1 ]; then cuda_tests; else step cuda-tests 100 cuda_tests; fi
-step headline 80 "$PY" benchmarks/device_run.py --device $DEVICE
+if [ $DRY = 1 ]; then cuda_tests; else step cuda-tests 90 cuda_tests; fi
+step headline 75 "$PY" benchmarks/device_run.py --device $DEVICE
 wait $BUILD
-step kernel-ratios 70 ratios
-step attention-table 15 attention_table
-step profile 20 profile
+step kernel-ratios 95 ratios
+step attention-table 10 attention_table
+step profile 15 profile
 step roofline 10 roofline
 table
 echo "== done in $(( $(date +%s) - T0 )) s; table:"
