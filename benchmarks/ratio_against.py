@@ -211,6 +211,8 @@ def serve(root, packages):
         except Exception:  # noqa: BLE001 - every failure goes back to the pytest process with its traceback
             reply = {"error": traceback.format_exc(limit=-8)}
         proto.write(json.dumps(reply) + "\n")
+    # stdin closed: the pytest process is done, or was killed; the checkout is the worker's to remove either way
+    shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

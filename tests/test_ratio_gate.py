@@ -8,6 +8,7 @@ pytester with the plugin loaded by a conftest, as benchmarks/conftest.py loads i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -452,3 +453,21 @@ def test_injected_x3_slowdown_against_a_stored_baseline_fails(gate, pytester):
     _save(gate, pytester)
     r = gate("--ratio-baseline", "base.json", "--ratio-fail", "30%", env={ratio_gate.INJECT_ENV: "x3"})
     r.assert_outcomes(failed=1)
+
+
+def test_against_worker_cleans_up_when_the_pytest_process_dies(tmp_path):
+    """A killed pytest process closes the worker's stdin: the worker removes REF's checkout itself."""
+    repo = tmp_path / "repo"
+    (repo / "synkern").mkdir(parents=True)
+    (repo / "synkern" / "__init__.py").write_text(SYNKERN.format(units=1))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "k")
+    w = ratio_against.Worker(str(repo), "HEAD", packages={"synkern": "synkern"})
+    try:
+        assert w.packages["synkern"].startswith(w.tmp) and os.path.isdir(w.tmp)
+        w.proc.stdin.close()  # what the kernel does when the parent dies
+        assert w.proc.wait(timeout=60) == 0
+        assert not os.path.exists(w.tmp)
+    finally:
+        w.close()
