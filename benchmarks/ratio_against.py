@@ -93,7 +93,6 @@ class Worker:
             checkout(root, self.sha, self.tmp)
             env = dict(os.environ)
             env.pop("IMM_FAST_BENCH_INJECT", None)  # a test-only slowdown is injected into this checkout only
-            env.pop("PYTHONPATH", None)
             self.proc = subprocess.Popen(
                 [sys.executable, os.path.abspath(__file__), self.tmp, json.dumps(packages or PACKAGES)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env, cwd=self.tmp)
