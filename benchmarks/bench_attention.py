@@ -165,8 +165,8 @@ def _do_bench(fn):
 
 def measure_table(dtypes=(torch.bfloat16, torch.float16), head_dims=(64, 72), B=256, T=256, device="cuda",
                   bench=_do_bench):
-    """Per (Dh, dtype): forward+backward ms of triton and of the fastest SDPA backend -> table entries."""
-    rows = []
+    """Per (Dh, dtype), as each is measured: (Dh, dtype, pick, {provider: forward+backward ms}) -> table entries
+    (a generator, so a run cut short still has the rows it measured)."""
     for Dh in head_dims:
         H = {64: 12, 72: 16}.get(Dh, 1152 // Dh)
         for dtype in dtypes:
@@ -182,8 +182,7 @@ def measure_table(dtypes=(torch.bfloat16, torch.float16), head_dims=(64, 72), B=
                 ms[p] = bench(lambda: step(qkv, do))
             best_sdpa = min(v for k, v in ms.items() if k != "triton")
             pick = "triton" if ms.get("triton", float("inf")) < best_sdpa else "torch"
-            rows.append((Dh, dtype, pick, ms))
-    return rows
+            yield Dh, dtype, pick, ms
 
 
 FWD_SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3),
@@ -238,8 +237,11 @@ if __name__ == "__main__":
             sys.exit("--table needs CUDA")
         dev = torch.cuda.get_device_name()
         print(f"# measured on {dev}, torch {torch.__version__}, B 256, T 256, forward+backward (ms)")
+        from results import append  # one JSON line per row under IMM_FAST_RESULTS (the device run)
+
         for Dh, dtype, pick, ms in measure_table():
             times = ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
-            print(f"    ({Dh}, {dtype}): {pick!r},  # {times}")
+            print(f"    ({Dh}, {dtype}): {pick!r},  # {times}", flush=True)
+            append({"kind": "attention-table", "case": f"Dh {Dh} {dtype}", "pick": pick, "ms": ms})
     else:
         sys.exit(pytest.main([os.path.abspath(__file__)] + sys.argv[1:]))
