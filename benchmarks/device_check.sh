@@ -104,13 +104,16 @@ build_extension() {  # the just-in-time build (imm_fast/_ext.py), in the backgro
 }
 
 cuda_tests() {  # one timeout per file, no -x: a broken file or fixture hides nothing else
-    local f t
+    local f t m
+    # file:seconds[:marker] (90 s in all): the kernel files whole (their tests run on CUDA where it exists), the
+    # others' gpu-marked tests only
     for spec in "test_mmd.py:22" "test_adaln.py:18" "test_attention.py:25" "test_mmd_ext.py:10" "test_backend.py:5" \
-                "test_bench_smoke.py:5" "test_unet.py:5"; do  # 90 s in all
-        f=${spec%%:*}; t=${spec##*:}
+                "test_bench_smoke.py:5:gpu" "test_unet.py:5:gpu"; do
+        f=${spec%%:*}; t=${spec#*:}; m=${t#*:}; t=${t%%:*}
+        [ "$m" = "$t" ] && m="" || m="-m $m"
         if [ $DRY = 1 ]; then skip "tests/$f" "needs CUDA"; continue; fi
-        echo "-- tests/$f" >>"$OUT/tests.log"
-        IMM_FAST_STEP="tests/$f" timeout -k 5 "$t" "$PY" -m pytest "tests/$f" -p results -q -rfE -p no:cacheprovider \
+        echo "-- tests/$f $m" >>"$OUT/tests.log"
+        IMM_FAST_STEP="tests/$f" timeout -k 5 "$t" "$PY" -m pytest "tests/$f" $m -p results -q -rfE -p no:cacheprovider \
             >>"$OUT/tests.log" 2>&1
         echo "tests/$f: rc $? $(tail -1 "$OUT/tests.log")"
     done
