@@ -113,17 +113,19 @@ cuda_tests() {  # one timeout per file, no -x: a broken file or fixture hides no
         [ "$m" = "$t" ] && m="" || m="-m $m"
         if [ $DRY = 1 ]; then skip "tests/$f" "needs CUDA"; continue; fi
         echo "-- tests/$f $m" >>"$OUT/tests.log"
-        IMM_FAST_STEP="tests/$f" timeout -k 5 "$t" "$PY" -m pytest "tests/$f" $m -p results -q -rfE -p no:cacheprovider \
-            >>"$OUT/tests.log" 2>&1
+        IMM_FAST_STEP="tests/$f" timeout -k 5 "$t" "$PY" -m pytest "tests/$f" $m -p results -q -rfE \
+            -p no:cacheprovider >>"$OUT/tests.log" 2>&1
         echo "tests/$f: rc $? $(tail -1 "$OUT/tests.log")"
     done
 }
 
 ratios() {  # one pytest run per op, each with its share of the step's time: every op gets its numbers
     local host rc=0 args=() part spec
-    host=$("$PY" -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', (torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu').lower()).strip('-'))")
+    host=$("$PY" -c "import re, torch; c = torch.cuda.is_available()
+print(re.sub(r'[^a-z0-9]+', '-', (torch.cuda.get_device_name() if c else 'cpu').lower()).strip('-'))")
     args=(--ratio-save "$OUT/ratio-$host.json")  # merged run by run (the same host)
-    [ -f "benchmarks/baselines/$host.json" ] && args+=(--ratio-baseline "benchmarks/baselines/$host.json" --ratio-fail 20%)
+    [ -f "benchmarks/baselines/$host.json" ] \
+        && args+=(--ratio-baseline "benchmarks/baselines/$host.json" --ratio-fail 20%)
     if [ $DRY = 1 ]; then
         set -- "mmd:60:cpu_ratio and not fwdbwd"
         args+=(--ratio-rounds 3)
