@@ -15,6 +15,7 @@ speed-ups gated against a stored baseline (--ratio-baseline). No CPU ratio test:
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import pytest
@@ -25,6 +26,8 @@ from imm_fast.ops.adaln import (adaln_modulate, adaln_modulate_ref, gated_residu
 
 CUDA = torch.cuda.is_available()
 GPU_SHAPES = {"XL": (256, 256, 1152), "B": (256, 256, 768)}
+if os.environ.get("IMM_FAST_BENCH_QUICK", "0") == "1":  # the device run's budget: DiT-XL/2 only
+    GPU_SHAPES = {"XL": GPU_SHAPES["XL"]}
 CPU_SHAPES = {"cpu": (8, 64, 256)}
 TRAFFIC = {"modulate": (2, 3), "residual": (3, 4), "residual_adaln": (4, 6)}  # (fwd, bwd) in units of N
 
@@ -42,8 +45,8 @@ def _call(op, provider):
             "residual_adaln": lambda x, y, m: gated_residual_adaln(x, m[2], y, m[0], m[1], backend="triton")}[op]
 
 
-@functools.lru_cache(maxsize=None)
 def _compiled(op):
+    """A compiled function per case (reset between cases by benchmarks/conftest.py): no recompile-limit fallback."""
     return torch.compile(_call(op, "ref"))
 
 
@@ -68,14 +71,16 @@ def _sync(device):
 
 
 def make_step(shape, dtype, device, op, mode, provider):
-    """(step, x): step() runs `op` (forward, or forward+backward) of `provider` once and synchronizes."""
+    """(step, x): step() runs `op` (forward, or forward+backward) of `provider` once and synchronizes.
+    dtype "mixed": the DiT under bf16 autocast: fp32 residual stream x, bf16 branch output y and modulation."""
     B, T, C = shape
-    x = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
-    y = torch.randn(B, T, C, device=device, dtype=dtype, requires_grad=mode == "fwdbwd")
-    mod = (torch.randn(B, 6 * C, device=device, dtype=dtype) * 0.5).requires_grad_(mode == "fwdbwd")
+    x_dtype, branch_dtype = (torch.float32, torch.bfloat16) if dtype == "mixed" else (dtype, dtype)
+    x = torch.randn(B, T, C, device=device, dtype=x_dtype, requires_grad=mode == "fwdbwd")
+    y = torch.randn(B, T, C, device=device, dtype=branch_dtype, requires_grad=mode == "fwdbwd")
+    mod = (torch.randn(B, 6 * C, device=device, dtype=branch_dtype) * 0.5).requires_grad_(mode == "fwdbwd")
     chunks = mod.chunk(6, dim=1)
     f = _call(op, provider)
-    grads = [torch.randn(B, T, C, device=device, dtype=dtype) for _ in range(2)]
+    grads = [torch.randn(B, T, C, device=device, dtype=x_dtype) for _ in range(2)]  # outputs take x's dtype
 
     def step():
         outs = f(x, y, chunks)
@@ -92,7 +97,10 @@ def _run(benchmark, name, shape, dtype, device, op, mode, provider):
     if provider == "triton" and device != "cuda":
         pytest.skip("the Triton kernels are benchmarked on CUDA (the CPU interpreter is not a speed)")
     step, x = make_step(shape, dtype, device, op, mode, provider)
-    for _ in range(3):  # warm-up: compile, autotune
+    t0 = time.perf_counter()
+    step()  # compile / autotune: reported apart from run time
+    first = time.perf_counter() - t0
+    for _ in range(2):  # warm-up
         step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -101,9 +109,10 @@ def _run(benchmark, name, shape, dtype, device, op, mode, provider):
     if benchmark.disabled:
         return
     fwd, bwd = TRAFFIC[op]
-    nbytes = (fwd + (bwd if mode == "fwdbwd" else 0)) * x.numel() * x.element_size()
+    nbytes = (fwd + (bwd if mode == "fwdbwd" else 0)) * x.numel() * x.element_size()  # mixed: counted as fp32
     gbps = nbytes / benchmark.stats.stats.mean / 1e9
-    benchmark.extra_info.update(gbps=gbps, floor_frac=gbps / _copy_gbps(device), floor_mb=nbytes / 1e6)
+    benchmark.extra_info.update(gbps=gbps, floor_frac=gbps / _copy_gbps(device), floor_mb=nbytes / 1e6,
+                                first_call_s=first, compile_s=max(0.0, first - benchmark.stats.stats.median))
     if device == "cuda":
         benchmark.extra_info["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
 
@@ -116,6 +125,16 @@ def _run(benchmark, name, shape, dtype, device, op, mode, provider):
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
 def test_adaln_gpu(benchmark, name, op, mode, provider):
     _run(benchmark, name, GPU_SHAPES[name], torch.bfloat16, "cuda", op, mode, provider)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("provider", ["ref", "compile", "triton"])
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("op", ["residual", "residual_adaln"])
+def test_adaln_gpu_mixed(benchmark, op, mode, provider):
+    """The DiT-XL/2 block under bf16 autocast: fp32 residual stream, bf16 branch output and modulation."""
+    _run(benchmark, "XL-mixed", GPU_SHAPES["XL"], "mixed", "cuda", op, mode, provider)
 
 
 @pytest.mark.parametrize("provider", ["ref", "compile"])
@@ -131,7 +150,22 @@ def test_adaln_cpu(benchmark, op, mode, provider):
 @pytest.mark.parametrize("op", list(TRAFFIC))
 @pytest.mark.parametrize("name", list(GPU_SHAPES))
 def test_adaln_gpu_ratio(ratio_bench, name, op, mode):
-    steps = {p: make_step(GPU_SHAPES[name], torch.bfloat16, "cuda", op, mode, p)[0]
-             for p in ("ref", "compile", "triton")}
-    ratio_bench(f"adaln-{name}-{op}-{mode}", steps, baselines=("ref", "compile"), rounds=10, warmup=3,
-                device="cuda")
+    kw = dict(shape=list(GPU_SHAPES[name]), dtype="bfloat16", op=op, mode=mode, device="cuda")
+    ratio_bench(f"adaln-{name}-{op}-{mode}", ratio_providers(**kw), baselines=("ref", "compile"), rounds=10,
+                warmup=3, device="cuda", recipe=(__file__, "ratio_providers", kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("op", ["residual", "residual_adaln"])
+def test_adaln_gpu_mixed_ratio(ratio_bench, op, mode):
+    kw = dict(shape=list(GPU_SHAPES["XL"]), dtype="mixed", op=op, mode=mode, device="cuda")
+    ratio_bench(f"adaln-XL-mixed-{op}-{mode}", ratio_providers(**kw), baselines=("ref", "compile"), rounds=10,
+                warmup=3, device="cuda", recipe=(__file__, "ratio_providers", kw))
+
+
+def ratio_providers(shape, dtype, op, mode, device):
+    """{provider: step} of one ratio case (the recipe --ratio-against rebuilds with another commit's code)."""
+    dt = dtype if dtype == "mixed" else getattr(torch, dtype)
+    return {p: make_step(tuple(shape), dt, device, op, mode, p)[0] for p in ("ref", "compile", "triton")}

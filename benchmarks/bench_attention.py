@@ -19,6 +19,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ from imm_fast.ops.attention import attention, attention_ref
 
 CUDA = torch.cuda.is_available()
 GPU_SHAPES = {"dit-xl": (256, 16, 256, 72), "dit-b": (256, 12, 256, 64)}  # (B, H, T, Dh)
+if os.environ.get("IMM_FAST_BENCH_QUICK", "0") == "1":  # the device run's budget: DiT-XL/2 only
+    GPU_SHAPES = {"dit-xl": GPU_SHAPES["dit-xl"]}
 CPU_SHAPES = {"cpu-small": (4, 4, 64, 72)}
 PROVIDERS = ("ref-flash", "ref-efficient", "ref-cudnn", "compile", "triton")
 
@@ -39,8 +42,8 @@ def sdpa_context(name):
     return sdpa_kernel([backend])
 
 
-@functools.lru_cache(maxsize=None)
 def compiled_ref():
+    """A compiled function per case (reset between cases by benchmarks/conftest.py): no recompile-limit fallback."""
     return torch.compile(attention_ref)
 
 
@@ -86,7 +89,10 @@ def run_bench(benchmark, shape_name, shape, provider, mode, dtype, device):
     qkv, do = make_inputs(shape, mode, dtype, device)
     step = make_step(provider, H, mode)
     try:
-        for _ in range(3):  # warm-up: compile / autotune / backend choice
+        t0 = time.perf_counter()
+        step(qkv, do)  # compile / autotune / backend choice: reported apart from run time
+        first = time.perf_counter() - t0
+        for _ in range(2):  # warm-up
             step(qkv, do)
     except RuntimeError as e:  # an SDPA backend that does not take this shape/dtype
         pytest.skip(f"{provider} unavailable for {shape_name} {dtype}: {str(e).splitlines()[0][:120]}")
@@ -101,7 +107,8 @@ def run_bench(benchmark, shape_name, shape, provider, mode, dtype, device):
     flops = 4 * B * H * T * T * Dh * (3.5 if mode == "fwdbwd" else 1.0)
     nbytes = (12 if mode == "fwdbwd" else 4) * B * T * C * qkv.element_size()
     benchmark.extra_info.update(provider=provider, dtype=str(dtype).replace("torch.", ""), B=B, H=H, T=T, Dh=Dh,
-                                tflops=flops / t / 1e12, gbps=nbytes / t / 1e9)
+                                tflops=flops / t / 1e12, gbps=nbytes / t / 1e9, first_call_s=first,
+                                compile_s=max(0.0, first - benchmark.stats.stats.median))
     if device == "cuda":
         benchmark.extra_info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -128,8 +135,17 @@ def test_attention_cpu(benchmark, shape_name, provider, mode):
 @pytest.mark.parametrize("shape_name", list(GPU_SHAPES))
 def test_attention_gpu_ratio(ratio_bench, shape_name, mode):
     """triton against every SDPA backend that takes the shape and torch.compile(attention_ref), interleaved."""
-    B, H, T, Dh = GPU_SHAPES[shape_name]
-    qkv, do = make_inputs(GPU_SHAPES[shape_name], mode, torch.bfloat16, "cuda")
+    kw = dict(shape=list(GPU_SHAPES[shape_name]), mode=mode, dtype="bfloat16", device="cuda")
+    ratio_bench(f"attention-{shape_name}-{mode}", ratio_providers(**kw),
+                baselines=tuple(p for p in PROVIDERS if p != "triton"), rounds=10, warmup=3, device="cuda",
+                recipe=(__file__, "ratio_providers", kw))
+
+
+def ratio_providers(shape, mode, dtype, device):
+    """{provider: step} of one ratio case, leaving out an SDPA backend that refuses the shape or dtype (the
+    recipe --ratio-against rebuilds with another commit's code)."""
+    H = shape[1]
+    qkv, do = make_inputs(tuple(shape), mode, getattr(torch, dtype), device)
     steps = {}
     for p in PROVIDERS:
         step = make_step(p, H, mode)
@@ -138,8 +154,7 @@ def test_attention_gpu_ratio(ratio_bench, shape_name, mode):
         except RuntimeError:  # an SDPA backend that does not take this shape/dtype: not a baseline here
             continue
         steps[p] = functools.partial(step, qkv, do)
-    ratio_bench(f"attention-{shape_name}-{mode}", steps, baselines=tuple(p for p in PROVIDERS if p != "triton"),
-                rounds=10, warmup=3, device="cuda")
+    return steps
 
 
 def _do_bench(fn):
@@ -150,8 +165,8 @@ def _do_bench(fn):
 
 def measure_table(dtypes=(torch.bfloat16, torch.float16), head_dims=(64, 72), B=256, T=256, device="cuda",
                   bench=_do_bench):
-    """Per (Dh, dtype): forward+backward ms of triton and of the fastest SDPA backend -> table entries."""
-    rows = []
+    """Per (Dh, dtype), as each is measured: (Dh, dtype, pick, {provider: forward+backward ms}) -> table entries
+    (a generator, so a run cut short still has the rows it measured)."""
     for Dh in head_dims:
         H = {64: 12, 72: 16}.get(Dh, 1152 // Dh)
         for dtype in dtypes:
@@ -167,8 +182,7 @@ def measure_table(dtypes=(torch.bfloat16, torch.float16), head_dims=(64, 72), B=
                 ms[p] = bench(lambda: step(qkv, do))
             best_sdpa = min(v for k, v in ms.items() if k != "triton")
             pick = "triton" if ms.get("triton", float("inf")) < best_sdpa else "torch"
-            rows.append((Dh, dtype, pick, ms))
-    return rows
+            yield Dh, dtype, pick, ms
 
 
 FWD_SWEEP = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 3),
@@ -223,8 +237,11 @@ if __name__ == "__main__":
             sys.exit("--table needs CUDA")
         dev = torch.cuda.get_device_name()
         print(f"# measured on {dev}, torch {torch.__version__}, B 256, T 256, forward+backward (ms)")
+        from results import append  # one JSON line per row under IMM_FAST_RESULTS (the device run)
+
         for Dh, dtype, pick, ms in measure_table():
             times = ", ".join(f"{k} {v:.3f}" for k, v in ms.items())
-            print(f"    ({Dh}, {dtype}): {pick!r},  # {times}")
+            print(f"    ({Dh}, {dtype}): {pick!r},  # {times}", flush=True)
+            append({"kind": "attention-table", "case": f"Dh {Dh} {dtype}", "pick": pick, "ms": ms})
     else:
         sys.exit(pytest.main([os.path.abspath(__file__)] + sys.argv[1:]))

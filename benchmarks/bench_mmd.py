@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -26,6 +27,8 @@ from imm_fast.ops.mmd import mmd_loss, mmd_loss_ref
 CUDA = torch.cuda.is_available()
 CPU_SHAPES = [(512, 4, 3072)]
 GPU_SHAPES = [(4096, 4, 4096), (4096, 8, 3072), (4096, 16, 4096), (1024, 4, 12288)]
+if os.environ.get("IMM_FAST_BENCH_QUICK", "0") == "1":  # the device run's budget: the first two shapes
+    GPU_SHAPES = GPU_SHAPES[:2]
 
 
 def _ext_available(device_type):
@@ -36,8 +39,9 @@ def _ext_available(device_type):
     return _ext.mmd_ext(device_type) is not None
 
 
-@functools.lru_cache(maxsize=None)
 def _compiled_ref():
+    """A compiled function per case: the case-by-case torch._dynamo.reset() (benchmarks/conftest.py) keeps each
+    case's compile cold and under the recompile limit, so "compile" never silently falls back to eager."""
     return torch.compile(mmd_loss_ref, fullgraph=True)
 
 
@@ -59,6 +63,15 @@ def _copy_gbps(device):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return 2 * a.numel() * 4 / best / 1e9
+
+
+def first_call_s(step):
+    """Seconds of the first call (for "compile": the compile; for triton: its JIT compile and autotune)."""
+    import time
+
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
 
 
 def _make_fn(provider):
@@ -113,8 +126,8 @@ def run_bench(benchmark, shape, provider, mode, dtype, device):
     if reason:
         pytest.skip(reason)
     step, x = make_step(shape, provider, mode, dtype, device)
-
-    for _ in range(3):  # warm-up: compile, JIT build, Triton autotune/compile
+    first = first_call_s(step)  # compile, JIT build, Triton autotune/compile: reported apart from run time
+    for _ in range(2):  # warm-up
         step()
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -127,6 +140,7 @@ def run_bench(benchmark, shape, provider, mode, dtype, device):
     nbytes = (2 + (1 if mode == "fwdbwd" else 0)) * B * D * x.element_size()  # read x, y once (+ write dL/dx)
     copy = _copy_gbps(device)
     # mean: the usual figure; best (min): what a shared, loaded CPU can still show about the code itself.
+    benchmark.extra_info.update(first_call_s=first, compile_s=max(0.0, first - stats.median))
     benchmark.extra_info.update(provider=provider, dtype=str(dtype).replace("torch.", ""), B=B, M=M, D=D,
                                 mode=mode, threads=torch.get_num_threads(), copy_gbps=copy,
                                 gbps=nbytes / stats.mean / 1e9, floor_frac=nbytes / stats.mean / 1e9 / copy,
@@ -152,12 +166,20 @@ def test_mmd_gpu(benchmark, shape, provider, dtype, mode):
     run_bench(benchmark, shape, provider, mode, dtype, "cuda")
 
 
+def ratio_providers(shape, mode, dtype, device, providers):
+    """{provider: step} of one ratio case (the recipe --ratio-against rebuilds with another commit's code)."""
+    dt = getattr(torch, dtype)
+    return {p: make_step(tuple(shape), p, mode, dt, device)[0] for p in providers if not _skip_reason(p, device)}
+
+
 def run_ratio(ratio_bench, shape, mode, dtype, device, providers, rounds):
-    steps = {p: make_step(shape, p, mode, dtype, device)[0] for p in providers if not _skip_reason(p, device)}
+    kw = dict(shape=list(shape), mode=mode, dtype=str(dtype).replace("torch.", ""), device=device,
+              providers=list(providers))
+    steps = ratio_providers(**kw)
     if len(steps) < 2 or "ref" not in steps:
         pytest.skip(f"no kernel to compare with the reference on {device}")
     ratio_bench(group_name(shape, dtype, mode), steps, baselines=("ref", "compile"), rounds=rounds, warmup=3,
-                device=device)
+                device=device, recipe=(__file__, "ratio_providers", kw))
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])

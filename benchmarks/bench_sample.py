@@ -225,11 +225,17 @@ def test_sample_unet_cpu(benchmark, steps):
     run_unet_bench(benchmark, "ddpmpp-tiny", 8, steps, "eager", "cpu", rounds=3)
 
 
-def run_ratio(ratio_bench, name, batch, steps, providers, device, rounds):
+def ratio_providers(name, batch, steps, providers, device):
+    """{provider: step} of one ratio case (the recipe --ratio-against rebuilds with another commit's code)."""
     model = get_model(name, device)
-    fns = {p: make_sample_step(model, batch, steps, p, device) for p in providers}
-    ratio_bench(f"sample-{name.replace('/', '')}-b{batch}-steps{steps}-cfg{CFG_SCALE}", fns, baselines=("reference",),
-                rounds=rounds, warmup=1, device=device)
+    return {p: make_sample_step(model, batch, steps, p, device) for p in providers}
+
+
+def run_ratio(ratio_bench, name, batch, steps, providers, device, rounds):
+    kw = dict(name=name, batch=batch, steps=steps, providers=list(providers), device=device)
+    ratio_bench(f"sample-{name.replace('/', '')}-b{batch}-steps{steps}-cfg{CFG_SCALE}", ratio_providers(**kw),
+                baselines=("reference",), rounds=rounds, warmup=1, device=device,
+                recipe=(__file__, "ratio_providers", kw))
 
 
 def test_sample_cpu_ratio(ratio_bench):

@@ -227,18 +227,22 @@ def test_train_step_unet_cpu(benchmark, case):
     run_bench(benchmark, case[0], case[1], "eager", "cpu", rounds=3, warmup_steps=1)
 
 
+def ratio_providers(name, batch, device, providers):
+    """{provider: step} of one ratio case (the recipe --ratio-against rebuilds with another commit's code)."""
+    return {p: make_train_step(name, batch, p, device)[0] for p in providers}
+
+
 def run_ratio(ratio_bench, name, batch, device, rounds, providers=("reference", "fused")):
     """The eager providers interleaved (both models alive at once); +compile stays out of the gate (compile time)."""
     _free(device)
     try:
-        steps = {p: make_train_step(name, batch, p, device)[0] for p in providers}
-        ratio_bench(f"train_step-{name.replace('/', '')}-b{batch}", steps, baselines=("reference",), rounds=rounds,
-                    warmup=2, device=device)
+        kw = dict(name=name, batch=batch, device=device, providers=list(providers))
+        ratio_bench(f"train_step-{name.replace('/', '')}-b{batch}", ratio_providers(**kw), baselines=("reference",),
+                    rounds=rounds, warmup=2, device=device, recipe=(__file__, "ratio_providers", kw))
     except torch.OutOfMemoryError as e:
         oom = str(e).strip().splitlines()[0][:200]
     else:
         oom = None
-    steps = None
     _free(device)
     if oom is not None:
         pytest.skip(f"{name} b{batch}: out of memory with {len(providers)} models ({oom})")

@@ -4,12 +4,19 @@ Per-provider benchmarks: per group, each provider's median and speed-up vs the r
 "ratio-*" in pytest-benchmark JSON) and ratio baseline files (--ratio-save): each gated speed-up, measured in
 interleaved rounds, with both providers' median times.
 
-Usage: python benchmarks/summarize.py RESULTS.json [MORE.json ...]
+A device run's results.jsonl (one JSON line per finished case, benchmarks/results.py): the steps with their
+status and seconds, the headline, the CUDA tests per file, and the benchmark and ratio cases, rebuilt from
+whatever lines exist (a run cut short gives a shorter table, never none).
+
+Usage: python benchmarks/summarize.py RESULTS.json|results.jsonl [MORE ...]
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # results.py beside this file
 
 BASELINES = ("ref", "reference", "torch", "eager", "ref_eager")
 PROVIDER_KEYS = ("provider", "impl", "backend", "mode_provider")
@@ -74,9 +81,83 @@ def print_ratios(rs, machine=None):
         print(f"| {key} | {s:.2f} | {smin:.2f} | {kus:.1f} | {bus:.1f} | {rounds} |")
 
 
+def _ms(v):
+    return "-" if v is None else f"{v * 1e3:.1f}"
+
+
+def _num(v, fmt=".1f"):
+    return "-" if v is None else format(v, fmt)
+
+
+def print_steps(recs):
+    env = [r for r in recs if r.get("kind") == "env"]
+    for e in env[-1:]:
+        print(f"Run of {e.get('date')} on {e.get('device') or 'CPU (dry run)'}, host {e.get('host')}: torch "
+              f"{e.get('torch')} (CUDA {e.get('cuda')}), triton {e.get('triton')}, Python {e.get('python')}\n")
+    print("| step | status | seconds | timeout (s) |")
+    print("|---|---|---:|---:|")
+    for r in (r for r in recs if r.get("kind") == "step"):
+        why = f" ({r['reason']})" if r.get("reason") else ""
+        print(f"| {r['step']} | {r['status']}{why} | {r['seconds']} | {r.get('timeout_s', '-')} |")
+
+
+def print_headline(recs):
+    rows = [r for r in recs if r.get("kind") == "headline"]
+    if not rows:
+        return
+    print("\n| headline case | outcome | throughput | median step (ms) | first call (s) | compile (s) | peak GiB |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        tp = f"{r['per_s']:.1f} {r['unit']}" if "per_s" in r else r.get("reason", "")
+        print(f"| {r['case']} | {r['outcome']} | {tp} | {_ms(r.get('median_s'))} | {_num(r.get('first_call_s'))} "
+              f"| {_num(r.get('compile_s'))} | {_num(r.get('peak_mem_gb'), '.2f')} |")
+
+
+def print_tests(recs):
+    files = {}
+    for r in recs:
+        if r.get("kind") == "test" and "group" not in r:
+            f = files.setdefault(r["case"].split("::")[0], {"passed": 0, "failed": 0, "skipped": 0, "bad": []})
+            f[r["outcome"]] = f.get(r["outcome"], 0) + 1
+            if r["outcome"] == "failed":
+                f["bad"].append(r["case"].split("::", 1)[-1])
+    if files:
+        print("\n| test file | passed | failed | skipped | failing |")
+        print("|---|---:|---:|---:|---|")
+        for name, f in files.items():
+            print(f"| {name} | {f['passed']} | {f['failed']} | {f['skipped']} | {', '.join(f['bad'][:6])} |")
+
+
+def jsonl_main(path):
+    """The tables of one results.jsonl."""
+    from results import read
+
+    recs, torn = read(path)
+    print_steps(recs)
+    print_headline(recs)
+    print_tests(recs)
+    benches = [{"group": r["group"], "name": r["case"], "params": {}, "stats": {"median": r["median_s"]},
+                "extra_info": r.get("extra_info") or {}} for r in recs if r.get("kind") == "test" and "group" in r]
+    for b in benches:  # provider from the case's parameters ("...[shape-provider-mode]") or its extra_info
+        b["params"]["provider"] = b["extra_info"].get("provider", provider_of(b))
+    if any(not is_ratio(b) for b in benches):
+        print("\n| group | provider | median (us) | x reference | extra |")
+        print("|---|---|---:|---:|---|")
+        for group, prov, med_us, speedup, extra in rows(benches):
+            print(f"| {group} | {prov} | {med_us:.1f} | {speedup:.2f} | {extra} |")
+    rs = list(ratio_rows(benches))
+    if rs:
+        print_ratios(rs)
+    if torn:
+        print(f"\n({torn} line(s) of {path} were cut off by a kill and are left out)")
+
+
 def main(paths):
     benches = []
     for p in paths:
+        if p.endswith(".jsonl"):
+            jsonl_main(p)
+            continue
         with open(p) as f:
             data = json.load(f)
         if isinstance(data, dict) and data.get("format") == RATIO_FORMAT:

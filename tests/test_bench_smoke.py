@@ -28,6 +28,7 @@ from _helpers import random_model
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 CUDA = torch.cuda.is_available()
+pytest_plugins = ["pytester"]
 
 
 def _load(name):
@@ -218,3 +219,56 @@ def test_cuda_graph_never_in_training_mode():
         imm_fast.sample(m, z, cuda_graph=True)
     imm_fast.sample(m, z)  # auto: eager
     assert graph_cache_info(m) == {"graphs": 0, "eager": 0}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every benchmark case compiles from cold
+
+
+COLD_CONFTEST = f"""
+import importlib.util, sys
+sys.path.insert(0, {str(BENCH)!r})
+spec = importlib.util.spec_from_file_location("imm_bench_conftest", {str(BENCH / "conftest.py")!r})
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+_cold_compiler = mod._cold_compiler
+"""
+
+COLD_TESTS = """
+import torch
+from torch._dynamo.utils import counters
+
+SEEN = []
+
+
+def f(x):
+    return x.sin() * 2
+
+
+def test_first_case():
+    torch.compile(f, backend="eager")(torch.ones(3))
+    SEEN.append(counters["stats"]["unique_graphs"])
+
+
+def test_second_case_compiles_again():
+    torch.compile(f, backend="eager")(torch.ones(3))  # same code, same input: a cache hit unless reset
+    assert counters["stats"]["unique_graphs"] == SEEN[0] + 1
+    cfg = torch._dynamo.config
+    assert "fail_on_recompile_limit_hit" not in cfg._config or cfg.fail_on_recompile_limit_hit
+"""
+
+
+def test_each_benchmark_case_compiles_from_cold(pytester):
+    """benchmarks/conftest.py resets dynamo before every case (no case inherits another's graphs or recompiles),
+    and past the recompile limit dynamo raises rather than running "compile" eagerly."""
+    pytester.makeconftest(COLD_CONFTEST)
+    pytester.makepyfile(test_cold=COLD_TESTS)
+    # a subprocess: an in-process run drops the torch modules it imported, which torch does not survive
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", timeout=600).assert_outcomes(passed=2)
+
+
+def test_compiled_baselines_are_per_case():
+    mmd, adaln, attn = _load("bench_mmd"), _load("bench_adaln"), _load("bench_attention")
+    assert mmd._compiled_ref() is not mmd._compiled_ref()
+    assert adaln._compiled("modulate") is not adaln._compiled("modulate")
+    assert attn.compiled_ref() is not attn.compiled_ref()

@@ -8,6 +8,7 @@ pytester with the plugin loaded by a conftest, as benchmarks/conftest.py loads i
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
+import ratio_against  # noqa: E402
 import ratio_gate  # noqa: E402
 
 sys.path.remove(str(BENCH))
@@ -295,3 +297,177 @@ def test_copy_injection_wraps_the_mmd_launcher(monkeypatch):
     for f in finalizers:
         f()
     assert mmd._launch is spy
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --ratio-against REF: the reference measured here, in the same rounds, from a commit's checkout
+
+SYN_AGAINST = """
+import synkern
+
+
+def work(units):
+    def f():
+        for _ in range(int(units)):
+            sum(range(500))
+    return f
+
+
+def providers(slow):
+    return {"ref": work(slow), "kernel": synkern.kernel}
+
+
+def test_syn_ratio(ratio_bench):
+    ratio_bench("syn-case", providers(320), baselines=("ref",), rounds=15, warmup=1, min_sample_s=0.008,
+                recipe=(__file__, "providers", {"slow": 320}))
+
+
+def test_syn_no_recipe(ratio_bench):
+    ratio_bench("syn-bare", providers(320), baselines=("ref",), rounds=5, warmup=1, min_sample_s=0.008)
+"""
+
+SYNKERN = """
+UNITS = {units}
+
+
+def kernel():  # the package's "kernel": a fixed amount of work
+    for _ in range(UNITS):
+        sum(range(500))
+"""
+
+
+def _git(path, *args):
+    import subprocess
+
+    subprocess.run(["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture
+def against(gate, pytester, monkeypatch):
+    """A git repository holding the synthetic package (kernel of 40 units) at HEAD, mapped for the worker (the
+    inner runs share this process's ratio_against module)."""
+    monkeypatch.setattr(ratio_against, "PACKAGES", {"synkern": "synkern"})
+    pytester.makepyfile(test_syn=SYN_AGAINST)
+    pkg = pytester.mkpydir("synkern")
+    (pkg / "__init__.py").write_text(SYNKERN.format(units=40))
+    _git(pytester.path, "init", "-q")
+    _git(pytester.path, "add", "-A")
+    _git(pytester.path, "commit", "-q", "-m", "kernel")
+    return pkg
+
+
+def test_against_unchanged_code_passes(gate, against):
+    r = gate("-k", "syn_ratio", "--ratio-against", "HEAD", "--ratio-fail", "30%")
+    r.assert_outcomes(passed=1)
+    r.stdout.re_match_lines([r"against HEAD = [0-9a-f]{12} .*synkern.*", r"speed-up\s+baseline\s+now\s+change\s+status",
+                             r"syn-case: kernel vs ref\s+\d+\.\d+x\s+\d+\.\d+x\s+[+-]\d+\.\d%\s+ok"])
+    assert "DEBUG" not in r.stdout.str()
+
+
+def test_against_catches_a_3x_slower_kernel_in_the_checkout(gate, against):
+    (against / "__init__.py").write_text(SYNKERN.format(units=120))  # uncommitted: this run's code only
+    r = gate("-k", "syn_ratio", "--ratio-against", "HEAD", "--ratio-fail", "30%")
+    r.assert_outcomes(failed=1)
+    r.stdout.fnmatch_lines(["*speed-up dropped more than 30% (2 measurements)*",
+                            "*syn-case: kernel vs ref: speed-up *x, HEAD's code, same rounds *x",
+                            "*syn-case: kernel vs ref*FAIL (2 measurements)"])
+
+
+def test_against_injected_3x_slowdown_fails(gate, against):
+    r = gate("-k", "syn_ratio", "--ratio-against", "HEAD", "--ratio-fail", "30%",
+             env={ratio_gate.INJECT_ENV: "x3"})
+    r.assert_outcomes(failed=1)
+    r.stdout.fnmatch_lines(["*IMM_FAST_BENCH_INJECT=x3*", "*syn-case: kernel vs ref*FAIL*"])
+
+
+def test_against_needs_a_recipe_and_a_commit(gate, against):
+    r = gate("-k", "no_recipe", "--ratio-against", "HEAD")
+    r.assert_outcomes(failed=1)
+    r.stdout.fnmatch_lines(["*gives no recipe, so --ratio-against cannot build HEAD's providers*"])
+    r = gate("--ratio-against", "no-such-ref")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    r.stderr.fnmatch_lines(["*--ratio-against 'no-such-ref': not a commit of the repository*"])
+    r = gate("--ratio-against", "HEAD", "--ratio-baseline", "x.json")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    r.stderr.fnmatch_lines(["*--ratio-against and --ratio-baseline are two references: give one*"])
+
+
+def test_against_worker_imports_the_commit_not_the_checkout(tmp_path):
+    """The worker's finder maps the package to REF's folder, ahead of anything on sys.path."""
+    import subprocess
+
+    old = tmp_path / "old" / "synkern"
+    old.mkdir(parents=True)
+    (old / "__init__.py").write_text("WHERE = 'old'\n")
+    w = subprocess.run([sys.executable, "-c", (
+        f"import sys; sys.path.insert(0, {str(BENCH)!r}); import ratio_against as a; "
+        f"sys.meta_path.insert(0, a._CheckoutFinder({str(tmp_path / 'old')!r}, {{'synkern': 'synkern'}})); "
+        "import synkern; print(synkern.WHERE)")], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert w.stdout.strip() == "old", w.stderr
+    assert ratio_against.PACKAGES["imm_fast.kernels"] == "kernels"  # setup.py's package_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stored baselines: keyed by the host, and never a silent pass
+
+
+def test_baseline_of_another_host_is_refused_with_the_reason(gate, pytester):
+    data = _save(gate, pytester)
+    assert data["machine"]["cpu_flags"] is None or isinstance(data["machine"]["cpu_flags"], list)
+    data["machine"]["cpu_flags"] = ["avx512f_only_there"]
+    data["machine"]["caches"] = {"L2": "1K"}
+    (pytester.path / "base.json").write_text(json.dumps(data))
+    r = gate("--ratio-baseline", "base.json")
+    r.assert_outcomes(failed=1)
+    r.stdout.fnmatch_lines(["*measured on another host (CPU flags differ (only in the baseline: avx512f_only_there*"
+                            "measured with cache sizes*speed-ups are not comparable*--ratio-against*"])
+    del data["machine"]["caches"]
+    (pytester.path / "base.json").write_text(json.dumps(data))
+    gate("--ratio-baseline", "base.json").stdout.fnmatch_lines(["*the baseline records no cache sizes*"])
+
+
+def test_baseline_matching_no_case_is_an_error(gate, pytester):
+    data = _save(gate, pytester)
+    data["ratios"] = {"other-case: kernel vs ref": data["ratios"]["syn-case: kernel vs ref"]}
+    (pytester.path / "base.json").write_text(json.dumps(data))
+    r = gate("--ratio-baseline", "base.json")
+    assert r.ret == pytest.ExitCode.TESTS_FAILED
+    r.stdout.fnmatch_lines(["*ERROR: --ratio-baseline base.json: its 1 case(s) match none of the 1 measured here*"])
+    r = gate("--ratio-baseline", "base.json", "--benchmark-disable")
+    assert r.ret == pytest.ExitCode.TESTS_FAILED
+    r.stdout.fnmatch_lines(["*ERROR: --ratio-baseline base.json: no ratio test measured anything*"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, "fast"])
+def test_baseline_with_a_ratio_that_is_not_finite_is_an_error(gate, pytester, bad):
+    data = _save(gate, pytester)
+    data["ratios"]["syn-case: kernel vs ref"]["speedup"] = bad
+    (pytester.path / "base.json").write_text(json.dumps(data))
+    r = gate("--ratio-baseline", "base.json")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    r.stderr.fnmatch_lines(["*1 speed-up(s) are not finite positive numbers*'syn-case: kernel vs ref'*"])
+
+
+def test_injected_x3_slowdown_against_a_stored_baseline_fails(gate, pytester):
+    _save(gate, pytester)
+    r = gate("--ratio-baseline", "base.json", "--ratio-fail", "30%", env={ratio_gate.INJECT_ENV: "x3"})
+    r.assert_outcomes(failed=1)
+
+
+def test_against_worker_cleans_up_when_the_pytest_process_dies(tmp_path):
+    """A killed pytest process closes the worker's stdin: the worker removes REF's checkout itself."""
+    repo = tmp_path / "repo"
+    (repo / "synkern").mkdir(parents=True)
+    (repo / "synkern" / "__init__.py").write_text(SYNKERN.format(units=1))
+    _git(repo, "init", "-q")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "k")
+    w = ratio_against.Worker(str(repo), "HEAD", packages={"synkern": "synkern"})
+    try:
+        assert w.packages["synkern"].startswith(w.tmp) and os.path.isdir(w.tmp)
+        w.proc.stdin.close()  # what the kernel does when the parent dies
+        assert w.proc.wait(timeout=60) == 0
+        assert not os.path.exists(w.tmp)
+    finally:
+        w.close()
