@@ -560,6 +560,15 @@ def _restore(ck: Path, model, ema, opt, gens: dict, sampler):
     return int(state["step"]), state.get("world_size")
 
 
+def _write_run_config(run_dir: Path, cfg: TrainConfig):
+    """config.json: the config this process trains with (a resume may change max_steps, lr, ...; each checkpoint
+    keeps its own). Rewritten only when it changed."""
+    text = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k != "resume"}, indent=1)
+    path = run_dir / "config.json"
+    if not (path.is_file() and not path.is_symlink() and path.read_text() == text):
+        atomic_write_text(path, text)
+
+
 def _record_resume(logger: "_Logger", cfg: TrainConfig, ck: Path, step: int, saved_world, world: int):
     """One warning line and one metrics.jsonl record naming what a resume changed that breaks exactness."""
     changes = _resume_changes(cfg, read_config_file(ck / "config.json"), saved_world, world)
@@ -614,8 +623,7 @@ def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.E
 
     vae = None
     if d.main:
-        # The config this process trains with (a resume may change max_steps, lr, ...; its checkpoints keep theirs).
-        atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
+        _write_run_config(run_dir, cfg)
         if cfg.data.source == "latents" and cfg.data.vae_path:
             from .vae import load_vae
 
