@@ -437,6 +437,23 @@ def _foreign_files(run_dir: Path) -> list:
     return sorted(p.name for p in run_dir.iterdir() if p.name != RunLock.NAME)
 
 
+def _lock_is_held(run_dir: Path) -> bool:
+    """Whether a live process holds <run_dir>/run.lock (probed read-only: nothing is written)."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / RunLock.NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock
+
+
 def _refuse_used_folder(run_dir: Path, files: list):
     if "checkpoints" in files:
         raise ValueError(f"run folder {str(run_dir)!r} already holds checkpoints: pass resume={str(run_dir)!r} "
@@ -467,6 +484,8 @@ def _fresh_run_folder(cfg: TrainConfig, stack: contextlib.ExitStack) -> Path:
                 return run_dir
             lock.release()
         if cfg.run_name:
+            if _lock_is_held(run_dir):  # a live run: name its holder (RunLock writes nothing when it fails)
+                RunLock(run_dir).acquire().release()
             _refuse_used_folder(run_dir, files)
     raise ValueError(f"no free run folder name {stamp}[-N] in {cfg.out_dir!r}; pass run_name=")
 
