@@ -94,6 +94,7 @@ def _worker_pids(launcher_pid):
     return out
 
 
+@pytest.mark.slow  # three torchrun launches
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_then_resume_is_exact(tmp_path):
     """SIGTERM to rank 1 only: rank 0 never sees a signal, yet both stop after the same step (they agree in the
