@@ -1035,6 +1035,7 @@ def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, *
     """
     cfg = _resolve(cfg, overrides)
     device = _resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    threads_before = torch.get_num_threads()
     _cpu_threads(cfg, device)
     d = _init_distributed(device)
     signals = _Signals(cfg.sigusr1).install()
@@ -1052,6 +1053,7 @@ def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, *
             return TrainResult(run.run_dir if d.main else None, run.step, metrics, run.last_ck if d.main else None)
     finally:
         signals.restore()
+        torch.set_num_threads(threads_before)  # the caller's setting again (a notebook, a test)
         if d.initialized_here:
             import torch.distributed as dist
 
