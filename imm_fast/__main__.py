@@ -181,8 +181,9 @@ class _Help(argparse.RawDescriptionHelpFormatter):
 
 
 _GUIDANCE = ("classifier-free guidance weight w, G = G_u + w (G_c - G_u) (class-conditional models). Default: no "
-             "guidance (the plain conditional model: what w=1 gives, at half the cost); w=0 samples unconditionally. The training "
-             "grids and the digits table use the config's sample.cfg_scale (digits: w=2)")
+             "guidance (the plain conditional model: what w=1 gives, at half the cost); w=0 samples "
+             "unconditionally. The training grids and the digits table use the config's sample.cfg_scale "
+             "(digits: w=2)")
 
 
 def _train_parser(sub):

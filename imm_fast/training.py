@@ -15,9 +15,11 @@ resume), then per step _train_step (one optimizer step, or a skipped one), _upda
 _sample / _evaluate when due. Checkpoint files, the one `latest` resolver and the lock live in imm_fast.checkpoint.
 
 A long run never lies: a step whose loss or global grad norm is non-finite (or whose groups imm_loss all masked)
-is skipped (optimizer, EMA and lr schedule untouched; one device-to-host sync per step decides it) and counted; after cfg.max_nonfinite_steps skips in
-a row the run stops with NonFiniteError naming the step, the last good checkpoint and likely causes. Weights with
-NaN/inf are never checkpointed.
+is skipped (optimizer, EMA and lr schedule untouched; one device-to-host sync per step decides it) and counted;
+after cfg.max_nonfinite_steps skips in a row the run stops with NonFiniteError naming the step, the last good
+checkpoint and likely causes. Weights with NaN/inf are never checkpointed. A fresh run starts only in a folder that
+holds no other run's files. SIGTERM / SIGINT end the run between two steps with a verified checkpoint of the last
+applied step and the resume command (Preempted, exit 143 / 130); SIGUSR1 writes one and training carries on.
 
 Randomness, and why resume and data parallelism are exact: every random draw of a step (the batch indices,
 flips, the (s, r, t) of each group, the noise of each particle and the label-drop mask) is made for the GLOBAL batch
@@ -579,6 +581,22 @@ def _restore(ck: Path, model, ema, opt, gens: dict, sampler):
     return int(state["step"]), state.get("world_size")
 
 
+def _latent_decoder(cfg: TrainConfig, device):
+    """latents with data.vae_path: the VAE that decodes sample grids (rank 0), else None."""
+    if cfg.data.source != "latents" or not cfg.data.vae_path:
+        return None
+    from .vae import load_vae
+
+    return load_vae(cfg.data.vae_path, device)
+
+
+def _announce(cfg: TrainConfig, device, d: _Dist, run_dir: Path, model, samples: int, resumed_at: Optional[int]):
+    """The start line (rank 0): what trains where, with how many CPU threads, into which folder."""
+    print(f"imm_fast: training {cfg.name} on {device} (world {d.world}{_threads_note(device)}), run folder "
+          f"{run_dir}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {samples} samples"
+          + (f", resumed at step {resumed_at}" if resumed_at is not None else ""), file=sys.stderr, flush=True)
+
+
 def _write_run_config(run_dir: Path, cfg: TrainConfig):
     """config.json: the config this process trains with (a resume may change max_steps, lr, ...; each checkpoint
     keeps its own). Rewritten only when it changed."""
@@ -643,13 +661,8 @@ def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.E
     vae = None
     if d.main:
         _write_run_config(run_dir, cfg)
-        if cfg.data.source == "latents" and cfg.data.vae_path:
-            from .vae import load_vae
-
-            vae = load_vae(cfg.data.vae_path, device)
-        print(f"imm_fast: training {cfg.name} on {device} (world {d.world}{_threads_note(device)}), run folder {run_dir}, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(ds)} samples"
-              + (f", resumed at step {step}" if resume_ck else ""), file=sys.stderr, flush=True)
+        vae = _latent_decoder(cfg, device)
+        _announce(cfg, device, d, run_dir, model, len(ds), step if resume_ck else None)
     logger = _Logger(run_dir if d.main else None, step if resume_ck is not None else None, cfg)
     stack.callback(logger.close)
     if d.main and resume_ck is not None:
