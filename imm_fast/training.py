@@ -180,8 +180,8 @@ class _Signals:
     def _handle(self, signum, frame):
         want = _SAVE if signum == signal.SIGUSR1 and self.usr1 == "save" else _STOP
         if self.saving or self.request == _STOP:  # os.write: print() may be mid-write in the interrupted frame
-            os.write(2, f"imm_fast: {_SIGNAL_NAMES[signum]} received while already stopping: the checkpoint is "
-                        "being written and will be complete (kill -9 abandons it; the previous one is "
+            os.write(2, f"imm_fast: {_SIGNAL_NAMES[signum]} received while already stopping: the step and its "
+                        "checkpoint are being finished (kill -9 abandons them; the previous checkpoint stays "
                         "intact)\n".encode())
         if want > self.request:
             self.request, self.signum = want, signum
