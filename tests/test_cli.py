@@ -233,3 +233,18 @@ def test_a_run_stopped_by_nonfinite_steps_is_one_line_and_not_success(tmp_path, 
     assert len(errors) == 1 and "Traceback" not in err, err  # the skips are logged above the one error line
     assert "2 optimizer steps in a row were non-finite" in errors[0] and "likely causes" in errors[0]
     assert not list((tmp_path / "nan").glob("checkpoints/step-*"))  # nothing saved from a run that never stepped
+
+
+def test_a_preempted_run_exits_with_the_signals_status(monkeypatch, capsys):
+    import signal
+
+    import imm_fast.__main__ as cli
+    from imm_fast.training import Preempted
+
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        def preempted(args, sig=sig):
+            raise Preempted(sig, 7, None, "stopped")
+
+        monkeypatch.setattr(cli, "_cmd_train", preempted)
+        assert main(["train"]) == status
+        assert "Traceback" not in capsys.readouterr().err

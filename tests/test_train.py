@@ -352,3 +352,13 @@ def test_the_start_line_names_the_cpu_threads(tmp_path, capfd, monkeypatch):
         assert "2 CPU threads)" in capfd.readouterr().err  # the user's OMP_NUM_THREADS is kept
     finally:
         torch.set_num_threads(n)
+
+
+def test_a_changed_world_size_is_named_as_inexact():
+    from imm_fast.config import config_to_dict
+    from imm_fast.training import _resume_changes
+
+    cfg = load_train_config(None, {"batch_size": 32})
+    saved = config_to_dict(load_train_config(None, {"batch_size": 32}))
+    assert _resume_changes(cfg, saved, 2, 2) == {} and _resume_changes(cfg, saved, None, 4) == {}
+    assert _resume_changes(cfg, saved, 2, 1) == {"world_size": [2, 1]}
