@@ -55,7 +55,7 @@ def _cmd_train(args):
         print(f"checkpoint: {result.checkpoint}")
         if "table" in result.metrics:
             print(result.metrics["table"])
-        else:
+        elif result.metrics:
             print("metrics: " + json.dumps(result.metrics))
     return 0
 
@@ -105,6 +105,9 @@ def _cmd_sample(args):
         except ValueError:
             raise ValueError(f"--grid {args.grid!r} is not one of {GRIDS} nor comma-separated middle eta values "
                              "such as 1.4") from None
+    if not str(args.checkpoint).startswith("hf://") and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist (give a run folder, a checkpoint "
+                                "folder, a .safetensors / .pkl file or hf://<repo>/<file>)")
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{str(out)!r} exists; pass --overwrite or choose another --out")
@@ -163,80 +166,132 @@ def _cmd_eval(args):
     return 0
 
 
-_TRUST_HELP = "use a training checkpoint that has no manifest.json (its files cannot be verified)"
+_TRUST_HELP = ("use a training checkpoint that has no manifest.json (its files cannot be verified; "
+               "default: refuse it)")
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and appends "(default: X)" to every option whose help does not state its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return text + " (default: %(default)s)"
+
+
+_GUIDANCE = ("classifier-free guidance weight w, G = G_u + w (G_c - G_u) (class-conditional models). Default: no "
+             "guidance (the plain conditional model: what w=1 gives, at half the cost); w=0 samples "
+             "unconditionally. The training grids and the digits table use the config's sample.cfg_scale "
+             "(digits: w=2)")
+
+
+def _train_parser(sub):
+    t = sub.add_parser("train", help="train a model (default: the digits preset on the CPU)", formatter_class=_Help,
+                       description="Train IMM. SIGTERM or Ctrl-C saves a verified checkpoint of the last step and "
+                                   "prints the resume command (exit 143 / 130); SIGUSR1 saves one and carries on.",
+                       epilog="Every config key, its default and meaning: python -m imm_fast config [--preset NAME]")
+    t.add_argument("--preset", help="a preset name: digits (default), cifar10 (DDPM++), cifar10-dit, "
+                                    "imagenet256, imagenet256-S/B/L")
+    t.add_argument("--config", help="a YAML or JSON config file (may name a base with `preset:`); default: the "
+                                    "preset")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=200 model.depth=4; "
+                                                "resume=RUN_FOLDER continues a run (default: none)")
+    t.set_defaults(fn=_cmd_train)
+    c = sub.add_parser("config", help="print the resolved training config as commented YAML (every key)",
+                       formatter_class=_Help)
+    c.add_argument("--preset", help="a preset name (default: digits)")
+    c.add_argument("--config", help="a YAML or JSON config file to resolve (default: the preset)")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=200 model.depth=4 "
+                                                "(default: none)")
+    c.set_defaults(fn=_cmd_config)
+
+
+def _encode_parser(sub):
+    e = sub.add_parser("encode", help="encode an image folder into normalized SD-VAE latents", formatter_class=_Help)
+    e.add_argument("src", help="image folder (class = subfolder)")
+    e.add_argument("out", help="output folder (latents.npy, labels.npy, meta.json); must not exist")
+    e.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (nothing is downloaded; "
+                                                "required, no default)")
+    e.add_argument("--resolution", type=int, default=256, help="resize + center-crop side in pixels")
+    e.add_argument("--batch-size", type=int, default=32, help="images per VAE call")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    e.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    e.set_defaults(fn=_cmd_encode)
+
+
+def _sample_parser(sub):
+    s = sub.add_parser("sample", help="sample a grid PNG from a checkpoint (run folder, checkpoint folder or file)",
+                       formatter_class=_Help,
+                       description="Sample a grid of images into one PNG (by default samples.png in the current "
+                                   "folder; an existing file is never overwritten without --overwrite).")
+    s.add_argument("checkpoint", help="run folder (its newest verified checkpoint), checkpoint folder, "
+                                      ".safetensors, an authors' .pkl or hf://<repo>/<file>")
+    s.add_argument("--steps", type=int, default=2, help="sampling steps (network evaluations, x2 with guidance)")
+    s.add_argument("--num", type=int, default=100, help="number of images")
+    s.add_argument("--cfg-scale", type=float, default=None, help=_GUIDANCE)
+    s.add_argument("--labels", type=int, nargs="*", help="class ids (cycled); default: 0..label_dim-1 cycled")
+    s.add_argument("--sampler", default="pushforward", choices=("pushforward", "restart"),
+                   help="pushforward (deterministic) or restart (re-noises between steps)")
+    s.add_argument("--grid", default="uniform",
+                   help="uniform, edm, or comma-separated middle eta values (then --steps is ignored), e.g. 1.4")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    s.add_argument("--vae", help="decode latents with this local AutoencoderKL folder (default: none; pixel "
+                                 "models need none)")
+    s.add_argument("--out", default="samples.png", help="the PNG to write, relative to the current folder")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
+    s.add_argument("--trust-unverified", action="store_true", help=_TRUST_HELP)
+    s.set_defaults(fn=_cmd_sample)
+
+
+def _eval_parser(sub):
+    v = sub.add_parser("eval", help="FID and IS of a checkpoint against reference statistics (torchrun-shardable)",
+                       formatter_class=_Help)
+    v.add_argument("checkpoint", nargs="?", help="run folder, checkpoint folder, .safetensors or an authors' .pkl")
+    v.add_argument("--ref", help="statistics .npz (imm_fast, EDM cifar10-32x32.npz, ADM VIRTUAL_imagenet256_labeled."
+                                 "npz) or a dataset: CIFAR-10 python folder, image folder, .npz/.npy of images "
+                                 "(no default)")
+    v.add_argument("--ref-resolution", type=int, help="center-crop folder images to this side the ADM way "
+                                                      "(ImageNet: 256; default: keep the size)")
+    v.add_argument("--ref-out", help="without a checkpoint: write the statistics of --ref to this .npz (no default)")
+    v.add_argument("--num", type=int, help="samples per step count (default: 50000; digits: the run's eval_samples)")
+    v.add_argument("--steps", help="comma-separated step counts (default: 1,2,4,8; digits: the run's eval_steps)")
+    v.add_argument("--metrics", default="fid,is", help="comma-separated, of imm_fast.metrics.METRICS: fid, is, pr "
+                                                       "(precision/recall), fd_dinov2")
+    v.add_argument("--dinov2", help="DINOv2 ViT-L/14 weights file for fd_dinov2, or 'download' (default: "
+                                    "$IMM_FAST_DINOV2, then the torch hub cache)")
+    v.add_argument("--cfg-scale", type=float, default=None, help=_GUIDANCE.split(". The training")[0])
+    v.add_argument("--sampler", choices=("pushforward", "restart"),
+                   help="pushforward (deterministic) or restart (re-noises between steps) (default: pushforward; "
+                        "digits: the run's)")
+    v.add_argument("--grid", default="uniform", help="uniform, edm or comma-separated middle eta values")
+    v.add_argument("--batch", type=int, default=64, help="images per network call, per rank")
+    v.add_argument("--seed", type=int, help="sample i uses seed + i (default 0; digits: the run's seed)")
+    v.add_argument("--inception", help="FID Inception weights file, or 'download' "
+                                       "(default: $IMM_FAST_INCEPTION, then the torch hub cache)")
+    v.add_argument("--vae", help="decode latent samples with this local AutoencoderKL folder (default: none)")
+    v.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    v.add_argument("--save-npz", action="store_true", help="also write ADM's sample batch (uint8 NHWC arr_0, "
+                                                           "labels arr_1) per step count (default: off)")
+    v.add_argument("--shard-size", type=int, default=1000, help="images per resumable shard")
+    v.add_argument("--out-dir", help="where eval-<time>.json goes (default: beside the checkpoint)")
+    v.add_argument("--keep-cache", action="store_true", help="keep the finished shards (eval-cache/; default: "
+                                                             "removed at the end)")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown)")
+    v.add_argument("--trust-unverified", action="store_true", help=_TRUST_HELP)
+    v.set_defaults(fn=_cmd_eval)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m imm_fast", description="Inductive Moment Matching with imm_fast",
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="train a model (default: the digits preset on the CPU)",
-                       epilog="Every config key, its default and meaning: python -m imm_fast config [--preset NAME]")
-    t.add_argument("--preset", help="a preset name: digits (default), cifar10 (DDPM++), cifar10-dit, "
-                                    "imagenet256, imagenet256-S/B/L")
-    t.add_argument("--config", help="a YAML or JSON config file (may name a base with `preset:`)")
-    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=200 model.depth=4")
-    t.set_defaults(fn=_cmd_train)
-    c = sub.add_parser("config", help="print the resolved training config as commented YAML (every key)")
-    c.add_argument("--preset", help="a preset name (default digits)")
-    c.add_argument("--config", help="a YAML or JSON config file to resolve")
-    c.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. max_steps=200 model.depth=4")
-    c.set_defaults(fn=_cmd_config)
-    e = sub.add_parser("encode", help="encode an image folder into normalized SD-VAE latents")
-    e.add_argument("src", help="image folder (class = subfolder)")
-    e.add_argument("out", help="output folder (latents.npy, labels.npy, meta.json)")
-    e.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (nothing is downloaded)")
-    e.add_argument("--resolution", type=int, default=256)
-    e.add_argument("--batch-size", type=int, default=32)
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--seed", type=int, default=0)
-    e.set_defaults(fn=_cmd_encode)
-    s = sub.add_parser("sample", help="sample a grid PNG from a checkpoint (run folder, checkpoint folder or file)")
-    s.add_argument("checkpoint")
-    s.add_argument("--steps", type=int, default=2)
-    s.add_argument("--num", type=int, default=100)
-    s.add_argument("--cfg-scale", type=float, default=None)
-    s.add_argument("--labels", type=int, nargs="*", help="class ids (cycled); default 0..label_dim-1 cycled")
-    s.add_argument("--sampler", default="pushforward", choices=("pushforward", "restart"))
-    s.add_argument("--grid", default="uniform",
-                   help="uniform, edm, or comma-separated middle eta values (then --steps is ignored), e.g. 1.4")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--vae", help="decode latents with this local AutoencoderKL folder")
-    s.add_argument("--out", default="samples.png")
-    s.add_argument("--overwrite", action="store_true")
-    s.add_argument("--trust-unverified", action="store_true", help=_TRUST_HELP)
-    s.set_defaults(fn=_cmd_sample)
-    v = sub.add_parser("eval", help="FID and IS of a checkpoint against reference statistics (torchrun-shardable)")
-    v.add_argument("checkpoint", nargs="?", help="run folder, checkpoint folder, .safetensors or an authors' .pkl")
-    v.add_argument("--ref", help="statistics .npz (imm_fast, EDM cifar10-32x32.npz, ADM VIRTUAL_imagenet256_labeled."
-                                 "npz) or a dataset: CIFAR-10 python folder, image folder, .npz/.npy of images")
-    v.add_argument("--ref-resolution", type=int, help="center-crop folder images to this side the ADM way "
-                                                      "(ImageNet: 256)")
-    v.add_argument("--ref-out", help="without a checkpoint: write the statistics of --ref to this .npz")
-    v.add_argument("--num", type=int, help="samples per step count (default 50000; digits: the run's eval_samples)")
-    v.add_argument("--steps", help="comma-separated step counts (default 1,2,4,8; digits: the run's eval_steps)")
-    v.add_argument("--metrics", default="fid,is", help="comma-separated, of imm_fast.metrics.METRICS: fid, is, pr "
-                                                       "(precision/recall), fd_dinov2 (default fid,is)")
-    v.add_argument("--dinov2", help="DINOv2 ViT-L/14 weights file for fd_dinov2, or 'download' (default: "
-                                    "$IMM_FAST_DINOV2, then the torch hub cache)")
-    v.add_argument("--cfg-scale", type=float, default=None, help="guidance weight (class-conditional models)")
-    v.add_argument("--sampler", choices=("pushforward", "restart"), help="default pushforward (digits: the run's)")
-    v.add_argument("--grid", default="uniform", help="uniform, edm or comma-separated middle eta values")
-    v.add_argument("--batch", type=int, default=64, help="images per network call, per rank")
-    v.add_argument("--seed", type=int, help="sample i uses seed + i (default 0; digits: the run's seed)")
-    v.add_argument("--inception", help="FID Inception weights file, or 'download' "
-                                       "(default: $IMM_FAST_INCEPTION, then the torch hub cache)")
-    v.add_argument("--vae", help="decode latent samples with this local AutoencoderKL folder")
-    v.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
-    v.add_argument("--save-npz", action="store_true", help="also write ADM's sample batch (uint8 NHWC arr_0, "
-                                                           "labels arr_1) per step count")
-    v.add_argument("--shard-size", type=int, default=1000, help="images per resumable shard")
-    v.add_argument("--out-dir", help="where eval-<time>.json goes (default: beside the checkpoint)")
-    v.add_argument("--keep-cache", action="store_true", help="keep the finished shards (eval-cache/)")
-    v.add_argument("--no-progress", action="store_true")
-    v.add_argument("--trust-unverified", action="store_true", help=_TRUST_HELP)
-    v.set_defaults(fn=_cmd_eval)
+    _train_parser(sub)
+    _encode_parser(sub)
+    _sample_parser(sub)
+    _eval_parser(sub)
     return p
 
 
@@ -246,8 +301,15 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
+    from .training import Preempted
+
     try:
         return args.fn(args)
+    except Preempted as e:  # the message and the resume command are printed already
+        return e.code
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except USER_ERRORS as e:
         if os.environ.get("IMM_FAST_TRACEBACK", "0") not in ("", "0"):
             raise

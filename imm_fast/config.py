@@ -242,7 +242,8 @@ class TrainConfig:
     amp: Optional[str] = spec("bf16", choices=PRECISIONS)  # student-pass autocast on CUDA (ignored on CPU)
     seed: int = spec(0, ge=0, le=SEED_MAX)  # seeds model init, data order, (s, r, t), noise, label dropout
     device: str = spec("auto", check=_device)  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
-    threads: Optional[int] = spec(None, ge=1, cap=THREADS_MAX)  # torch CPU threads (None = torch's default)
+    threads: Optional[int] = spec(None, ge=1, cap=THREADS_MAX)  # torch CPU threads (None = 1 on the CPU unless OMP_NUM_THREADS is
+                                      # set: a busy core stalls every multi-threaded step; benchmarks/RESULTS.md)
     out_dir: str = spec("runs", check=_nonempty)  # parent folder of run folders
     run_name: Optional[str] = spec(None, check=_plain_name)  # run folder name (None = <name>-<UTC timestamp>)
     resume: Optional[str] = spec(None, check=_nonempty)  # a run folder or checkpoint folder to continue from
@@ -251,6 +252,8 @@ class TrainConfig:
     ckpt_every: int = spec(0, ge=0)   # steps between checkpoints (0 = only at the end)
     keep_last: int = spec(0, ge=0)    # retention: keep the newest N checkpoints, delete older ones (0 = keep all)
     keep_every: int = spec(0, ge=0)   # retention: also keep checkpoints at steps that are multiples of this (0 = none)
+    sigusr1: str = spec("save", choices=("save", "exit"))  # on SIGUSR1: save a checkpoint and carry on, or save
+                                      # and exit like SIGTERM (SIGTERM/SIGINT always save and exit)
     eval_every: int = spec(0, ge=0)   # steps between metric evaluations (0 = only at the end)
     eval_samples: int = spec(1000, ge=1, cap=COUNT_MAX)  # samples per step count for the final metrics
     eval_steps: Tuple[int, ...] = spec((1, 2, 4, 8), ge=1, cap=COUNT_MAX, min_len=1)  # step counts evaluated

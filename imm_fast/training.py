@@ -15,9 +15,11 @@ resume), then per step _train_step (one optimizer step, or a skipped one), _upda
 _sample / _evaluate when due. Checkpoint files, the one `latest` resolver and the lock live in imm_fast.checkpoints.
 
 A long run never lies: a step whose loss or global grad norm is non-finite (or whose groups imm_loss all masked)
-is skipped (optimizer, EMA and lr schedule untouched; one device-to-host sync per step decides it) and counted; after cfg.max_nonfinite_steps skips in
-a row the run stops with NonFiniteError naming the step, the last good checkpoint and likely causes. Weights with
-NaN/inf are never checkpointed.
+is skipped (optimizer, EMA and lr schedule untouched; one device-to-host sync per step decides it) and counted;
+after cfg.max_nonfinite_steps skips in a row the run stops with NonFiniteError naming the step, the last good
+checkpoint and likely causes. Weights with NaN/inf are never checkpointed. A fresh run starts only in a folder that
+holds no other run's files. SIGTERM / SIGINT end the run between two steps with a verified checkpoint of the last
+applied step and the resume command (Preempted, exit 143 / 130); SIGUSR1 writes one and training carries on.
 
 Randomness, and why resume and data parallelism are exact: every random draw of a step (the batch indices,
 flips, the (s, r, t) of each group, the noise of each particle and the label-drop mask) is made for the GLOBAL batch
@@ -37,7 +39,10 @@ import json
 import math
 import os
 import random
+import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +55,9 @@ from ._backend import reference_loss_backend, resolve_fused
 from ._dist import Dist as _Dist, Progress as _Progress, barrier as _barrier, broadcast_object as _broadcast_object
 from ._dist import init_distributed as _init_distributed, resolve_device as _resolve_device
 from ._files import atomic_write_text, image_grid, write_png
-from .checkpoints import (CKPT_PREFIX, NonFiniteError, RunLock, find_checkpoint, list_checkpoints, nonfinite_entries,
-                          read_checkpoint, repair_run_folder, run_folder_of, save_checkpoint,
-                          verify_checkpoint)
+from .checkpoints import (CKPT_PREFIX, NonFiniteError, RunFolderBusyError, RunLock, checkpoint_name, find_checkpoint,
+                          list_checkpoints, nonfinite_entries, read_checkpoint, repair_run_folder, run_folder_of,
+                          save_checkpoint, verify_checkpoint)
 from .config import LossConfig, TrainConfig, check_fits, config_to_dict, load_train_config, read_config_file
 
 
@@ -116,25 +121,34 @@ class _Logger:
         self.backends = None
         if self.path is None:
             return
+        if self.path.is_symlink():  # appending would write into whatever it points at, outside the run
+            raise ValueError(f"{str(self.path)!r} is a symbolic link (to {os.readlink(self.path)!r}); a run writes "
+                             "its metrics only into its own folder: remove the link (or copy the file in its place)")
         if resume_step is not None and self.path.is_file():
             # Drop lines a killed run wrote after the checkpoint we resume from, so the log reads as one run.
-            keep = []
-            for line in self.path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    pass
-            atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+            self.drop(lambda rec: rec.get("step", 0) > resume_step)
         if cfg is not None:
             from .loggers import LogBackends
 
             self.backends = LogBackends(cfg.log, run_dir, config_to_dict(cfg), resume_step)
 
+    def drop(self, unwanted: Callable[[dict], bool]):
+        """Rewrite metrics.jsonl without the records for which unwanted(record) is true (and unreadable lines)."""
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if not unwanted(json.loads(line)):
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
     def log(self, record: dict):
         if self.path is None:
             return
-        with open(self.path, "a") as f:
+        # O_NOFOLLOW: a link put in place during the run is refused (ELOOP), never appended through.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        with open(fd, "a") as f:
             f.write(_dump(record) + "\n")
         if self.backends is not None:
             self.backends.scalars(record.get("step", 0), record)
@@ -234,14 +248,17 @@ class _Run:
     gens: dict                   # CPU generators, same state on every rank: "loss" ((s, r, t), noise, drops), "data"
     sampler: object              # data.EpochSampler: the data order
     lcfg: LossConfig             # cfg.loss after the reference switch
-    run_dir: Optional[Path]      # the run folder (rank 0 writes; None on other ranks)
+    run_dir: Path                # the run folder (only rank 0 writes)
     logger: _Logger
     progress: _Progress
     window: _Window
+    signals: _Signals            # SIGTERM / SIGINT / SIGUSR1 received (preemption)
     vae: object = None           # latents: the decoder of sample grids (rank 0)
     step: int = 0                # optimizer steps applied
     last_ck: Optional[Path] = None  # the newest checkpoint written or resumed from
     skipped_in_a_row: int = 0
+    agreed: int = 0              # world > 1: the signal request all ranks agreed on at the last step
+    resumed: bool = False        # continued from a checkpoint
 
 
 def _resolve(cfg, overrides) -> TrainConfig:
@@ -257,18 +274,72 @@ def _resolve(cfg, overrides) -> TrainConfig:
     return load_train_config(cfg, overrides)
 
 
+def _foreign_files(run_dir: Path) -> list:
+    """What a folder holds besides its run.lock (a fresh run starts only in a folder without any)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p.name for p in run_dir.iterdir() if p.name != RunLock.NAME)
+
+
+def _lock_is_held(run_dir: Path) -> bool:
+    """Whether a live process holds <run_dir>/run.lock (probed read-only: nothing is written)."""
+    import fcntl
+
+    try:
+        fd = os.open(run_dir / RunLock.NAME, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock
+
+
+def _refuse_used_folder(run_dir: Path, files: list):
+    if "checkpoints" in files:
+        raise ValueError(f"run folder {str(run_dir)!r} already holds checkpoints: pass resume={str(run_dir)!r} "
+                         "to continue it, or choose another run_name")
+    raise ValueError(f"run folder {str(run_dir)!r} already holds another run's files ({', '.join(files[:4])}"
+                     f"{', ...' if len(files) > 4 else ''}) and no checkpoint to resume: a new run never writes into "
+                     "it (the two runs' metrics and configs would mix); choose another run_name or delete the folder")
+
+
+def _fresh_run_folder(cfg: TrainConfig, stack: contextlib.ExitStack) -> Path:
+    """A new run folder, locked, holding nothing but its lock. An explicit run_name that is taken is refused; the
+    default <name>-<UTC time> gets a suffix (-2, -3, ...) when two runs start in the same second."""
+    stamp = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    names = [cfg.run_name] if cfg.run_name else [stamp] + [f"{stamp}-{i}" for i in range(2, 100)]
+    for name in names:
+        run_dir = Path(cfg.out_dir) / name
+        files = _foreign_files(run_dir)  # before the lock: a used folder is not touched at all
+        if not files:
+            try:
+                lock = RunLock(run_dir).acquire()
+            except RunFolderBusyError:
+                if cfg.run_name:
+                    raise
+                continue
+            files = _foreign_files(run_dir)  # again under the lock: another process may have started there
+            if not files:
+                stack.callback(lock.release)
+                return run_dir
+            lock.release()
+        if cfg.run_name:
+            if _lock_is_held(run_dir):  # a live run: name its holder (RunLock writes nothing when it fails)
+                RunLock(run_dir).acquire().release()
+            _refuse_used_folder(run_dir, files)
+    raise ValueError(f"no free run folder name {stamp}[-N] in {cfg.out_dir!r}; pass run_name=")
+
+
 def _claim_run_folder(cfg: TrainConfig, stack: contextlib.ExitStack):
     """Rank 0: (run folder, checkpoint to resume or None), decided while holding the folder's lock."""
-    if cfg.resume:
-        run_dir = run_folder_of(cfg.resume)
-    else:
-        run_dir = Path(cfg.out_dir) / (cfg.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
-    stack.callback(RunLock(run_dir).acquire().release)
     if not cfg.resume:
-        if (run_dir / "checkpoints").exists():
-            raise ValueError(f"run folder {str(run_dir)!r} already holds checkpoints: pass resume={str(run_dir)!r} "
-                             "to continue it, or choose another run_name")
-        return run_dir, None
+        return _fresh_run_folder(cfg, stack), None
+    run_dir = run_folder_of(cfg.resume)
+    stack.callback(RunLock(run_dir).acquire().release)
     ck = find_checkpoint(cfg.resume)  # again, under the lock; explains any fallback in one line
     step = int(ck.name[len(CKPT_PREFIX):]) if ck.name.startswith(CKPT_PREFIX) else -1
     later = [n for n in list_checkpoints(ck.parent)
@@ -277,9 +348,46 @@ def _claim_run_folder(cfg: TrainConfig, stack: contextlib.ExitStack):
         raise ValueError(f"resume={str(ck)!r} is older than checkpoints {later} of the same run: resume from the "
                          "run folder (its newest checkpoint), or copy the checkpoint into a new run folder's "
                          "checkpoints/ to branch from it")
+    _check_resume_config(cfg, read_config_file(ck / "config.json"), ck)
     for note in repair_run_folder(run_dir, ck):
         print(f"imm_fast: {note}", file=sys.stderr, flush=True)
     return run_dir, ck
+
+
+# What a resume may not change silently: the RNG streams continue from the checkpoint (a new seed cannot take
+# effect, and the recorded config would lie), the optimizer state belongs to its optimizer; the others change the
+# draws of every later step (the batch, its groups, the per-rank dropout seeds).
+_RESUME_REFUSED = ("seed", "optimizer")
+_RESUME_INEXACT = ("batch_size", "loss.group_size", "grad_accum")
+
+
+def _config_value(d: dict, key: str):
+    for part in key.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
+def _check_resume_config(cfg: TrainConfig, saved: dict, ck: Path):
+    """Refuse a resume that changes seed or optimizer (with the way out)."""
+    now = config_to_dict(cfg)
+    bad = {k: (_config_value(saved, k), _config_value(now, k)) for k in _RESUME_REFUSED
+           if _config_value(saved, k) is not None and _config_value(saved, k) != _config_value(now, k)}
+    if bad:
+        what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in bad.items())
+        raise ValueError(f"resume={cfg.resume!r} changes {what}: the checkpoint {ck.name} continues its own random "
+                         "streams and optimizer state, so the run would not be what its config says. Resume "
+                         "without changing them, or start a new run")
+
+
+def _resume_changes(cfg: TrainConfig, saved: dict, saved_world: Optional[int], world: int) -> dict:
+    """{key: [before, after]} of the changes that a resume accepts but that make it differ from an uninterrupted
+    run (batch, group size, accumulation, world size)."""
+    now = config_to_dict(cfg)
+    out = {k: [_config_value(saved, k), _config_value(now, k)] for k in _RESUME_INEXACT
+           if _config_value(saved, k) != _config_value(now, k)}
+    if saved_world is not None and saved_world != world:
+        out["world_size"] = [saved_world, world]
+    return out
 
 
 def _open_run_folder(cfg: TrainConfig, d: _Dist, stack: contextlib.ExitStack):
@@ -298,8 +406,9 @@ def _open_run_folder(cfg: TrainConfig, d: _Dist, stack: contextlib.ExitStack):
     return shared
 
 
-def _restore(ck: Path, model, ema, opt, gens: dict, sampler) -> int:
-    """Load everything _checkpoint saved into the live objects; returns the step."""
+def _restore(ck: Path, model, ema, opt, gens: dict, sampler):
+    """Load everything _checkpoint saved into the live objects; returns (step, the world size that wrote it or
+    None for checkpoints that do not record it)."""
     model_sd, ema_sd, state = read_checkpoint(ck)
     try:
         model.load_state_dict(model_sd)
@@ -311,10 +420,46 @@ def _restore(ck: Path, model, ema, opt, gens: dict, sampler) -> int:
         g.set_state(state["generators"][k])
     sampler.load_state_dict(state["sampler"])
     _set_rng_state(state["rng"])
-    return int(state["step"])
+    return int(state["step"]), state.get("world_size")
 
 
-def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.ExitStack) -> _Run:
+def _latent_decoder(cfg: TrainConfig, device):
+    """latents with data.vae_path: the VAE that decodes sample grids (rank 0), else None."""
+    if cfg.data.source != "latents" or not cfg.data.vae_path:
+        return None
+    from .vae import load_vae
+
+    return load_vae(cfg.data.vae_path, device)
+
+
+def _announce(cfg: TrainConfig, device, d: _Dist, run_dir: Path, model, samples: int, resumed_at: Optional[int]):
+    """The start line (rank 0): what trains where, with how many CPU threads, into which folder."""
+    print(f"imm_fast: training {cfg.name} on {device} (world {d.world}{_threads_note(device)}), run folder "
+          f"{run_dir}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {samples} samples"
+          + (f", resumed at step {resumed_at}" if resumed_at is not None else ""), file=sys.stderr, flush=True)
+
+
+def _write_run_config(run_dir: Path, cfg: TrainConfig):
+    """config.json: the config this process trains with (a resume may change max_steps, lr, ...; each checkpoint
+    keeps its own). Rewritten only when it changed."""
+    text = json.dumps({k: v for k, v in config_to_dict(cfg).items() if k != "resume"}, indent=1)
+    path = run_dir / "config.json"
+    if not (path.is_file() and not path.is_symlink() and path.read_text() == text):
+        atomic_write_text(path, text)
+
+
+def _record_resume(logger: "_Logger", cfg: TrainConfig, ck: Path, step: int, saved_world, world: int):
+    """One warning line and one metrics.jsonl record naming what a resume changed that breaks exactness."""
+    changes = _resume_changes(cfg, read_config_file(ck / "config.json"), saved_world, world)
+    if changes:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items())
+        print(f"imm_fast: warning: this resume changes {what}: from step {step} on, the run is no longer the one "
+              "an uninterrupted run would have been (recorded in metrics.jsonl)", file=sys.stderr, flush=True)
+        logger.log({"step": step, "resumed_from": ck.name, "inexact_changes": changes})
+
+
+def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.ExitStack,
+           signals: "_Signals") -> _Run:
     """Checks, dataset, the run folder (locked), model, EMA, optimizer, generators and the resume."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -353,29 +498,25 @@ def _setup(cfg: TrainConfig, device: torch.device, d: _Dist, stack: contextlib.E
     opt = opt_cls(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kw)
     gens = {"loss": torch.Generator().manual_seed(cfg.seed + 1), "data": torch.Generator().manual_seed(cfg.seed + 2)}
     sampler = EpochSampler(len(ds), cfg.seed)
-    step = 0 if resume_ck is None else _restore(resume_ck, model, ema, opt, gens, sampler)
+    step, saved_world = (0, None) if resume_ck is None else _restore(resume_ck, model, ema, opt, gens, sampler)
 
     vae = None
     if d.main:
-        if not (run_dir / "config.json").exists():
-            atomic_write_text(run_dir / "config.json", json.dumps(config_to_dict(cfg), indent=1))
-        if cfg.data.source == "latents" and cfg.data.vae_path:
-            from .vae import load_vae
-
-            vae = load_vae(cfg.data.vae_path, device)
-        print(f"imm_fast: training {cfg.name} on {device} (world {d.world}), run folder {run_dir}, "
-              f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(ds)} samples"
-              + (f", resumed at step {step}" if resume_ck else ""), file=sys.stderr, flush=True)
+        _write_run_config(run_dir, cfg)
+        vae = _latent_decoder(cfg, device)
+        _announce(cfg, device, d, run_dir, model, len(ds), step if resume_ck else None)
     logger = _Logger(run_dir if d.main else None, step if resume_ck is not None else None, cfg)
     stack.callback(logger.close)
+    if d.main and resume_ck is not None:
+        _record_resume(logger, cfg, resume_ck, step, saved_world, d.world)
     progress = _Progress(cfg.progress and d.main, cfg.max_steps, step)
     stack.callback(progress.close)
     net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if d.world > 1 else model
     window = _Window(torch.zeros(2, dtype=torch.float64, device=device),
                      torch.zeros((), dtype=torch.int64, device=device), t0=time.perf_counter(), step0=step)
     return _Run(cfg=cfg, d=d, device=device, ds=ds, model=model, net=net, ema=ema, opt=opt, gens=gens,
-                sampler=sampler, lcfg=lcfg, run_dir=run_dir if d.main else None, logger=logger, progress=progress,
-                window=window, vae=vae, step=step, last_ck=resume_ck)
+                sampler=sampler, lcfg=lcfg, run_dir=run_dir, logger=logger, progress=progress,
+                window=window, signals=signals, vae=vae, step=step, last_ck=resume_ck, resumed=resume_ck is not None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -419,10 +560,14 @@ def _all_finite(run: _Run, loss: torch.Tensor, grad_norm: torch.Tensor, some_gro
     groups were all masked carries no signal, yet Adam's momentum would still move the weights): the step's one
     device-to-host sync."""
     flag = (torch.isfinite(loss) & torch.isfinite(grad_norm) & some_group).float()
-    if run.d.world > 1:  # every rank must take the same decision
+    if run.d.world > 1:  # every rank must take the same decision, also on stopping for a signal (the same sync)
         import torch.distributed as dist
 
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        both = torch.stack([flag, torch.full_like(flag, -float(run.signals.request))])
+        dist.all_reduce(both, op=dist.ReduceOp.MIN)
+        ok, neg_request = both.tolist()
+        run.agreed = int(-neg_request)
+        return bool(ok)
     return bool(flag)
 
 
@@ -541,7 +686,7 @@ def _checkpoint(run: _Run):
                              f"({', '.join(bad[:4])}); {_last_good(run)}; {_CAUSES}")
     if not run.d.main:
         return
-    state = {"step": run.step, "optimizer": run.opt.state_dict(), "rng": _rng_state(),
+    state = {"step": run.step, "world_size": run.d.world, "optimizer": run.opt.state_dict(), "rng": _rng_state(),
              "generators": {k: g.get_state() for k, g in run.gens.items()}, "sampler": run.sampler.state_dict(),
              "torch_version": str(torch.__version__)}
     run.last_ck = save_checkpoint(run.run_dir, run.step, run.model, run.ema.state_dict(), state,
@@ -570,61 +715,202 @@ def _finish(run: _Run) -> dict:
     return metrics
 
 
+def _finished_run(run: _Run, reevaluate: bool) -> dict:
+    """Resuming a run that already reached max_steps: nothing is trained; the final evaluation runs again only
+    when asked (final_eval=true given with the resume), replacing the earlier one in metrics.jsonl."""
+    cfg = run.cfg
+    if run.d.main:
+        print(f"imm_fast: run {run.run_dir} is already finished (step {run.step}, max_steps={cfg.max_steps}): "
+              "nothing to train" + ("; evaluating again (final_eval=true)" if reevaluate else
+                                    "; pass a larger max_steps to train on, or final_eval=true to evaluate again"),
+              file=sys.stderr, flush=True)
+    if not reevaluate:
+        return {}
+    if run.d.main:
+        run.logger.drop(lambda rec: rec.get("step") == run.step and "eval" in rec)
+    return _finish(run)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stopping and saving on a signal
+# ----------------------------------------------------------------------------------------------------------------
+def _save_now(run: _Run) -> Path:
+    """A verified checkpoint of the last applied step (every rank; rank 0 writes): the newest one when it is of
+    this step already. Further signals meanwhile only set flags: the write is never cut in half."""
+    run.signals.saving = True
+    try:
+        if run.last_ck is None or run.last_ck.name != checkpoint_name(run.step):
+            _checkpoint(run)
+        _barrier(run.d)
+        if run.d.main:
+            problem = verify_checkpoint(run.last_ck)
+            if problem:
+                raise ValueError(f"the checkpoint written on the signal, {str(run.last_ck)!r}, does not verify: "
+                                 f"{problem}; {_last_good(run)}")
+        return run.last_ck if run.d.main else run.run_dir / "checkpoints" / checkpoint_name(run.step)
+    finally:
+        run.signals.saving = False
+
+
+def _signal_name(run: _Run) -> tuple:
+    # A rank that got no signal itself stops because another did (torchrun forwards SIGTERM to every rank).
+    signum = run.signals.signum or signal.SIGTERM
+    return signum, _SIGNAL_NAMES[signum]
+
+
+def _act_on_signal(run: _Run):
+    """At a step boundary: SIGUSR1 (save) writes a checkpoint and carries on; a stop writes one and raises
+    Preempted. Under torchrun every rank acts on what all agreed at the last step's all-reduce (same step)."""
+    request = run.signals.request if run.d.world == 1 else run.agreed
+    if not request:
+        return
+    ck = _save_now(run)
+    signum, name = _signal_name(run)
+    command = _resume_command(run.run_dir, run.d.world)
+    if request == _SAVE:
+        run.agreed = 0
+        if run.signals.request == _SAVE:
+            run.signals.request = 0
+        if run.d.main:
+            print(f"imm_fast: {name}: checkpoint {ck} of step {run.step} saved and verified; training continues "
+                  f"(sigusr1=exit stops instead); to resume later: {command}", file=sys.stderr, flush=True)
+        return
+    msg = (f"imm_fast: stopped by {name} at step {run.step}: checkpoint {ck} is saved and verified; resume with: "
+           f"{command}")
+    if run.d.main:
+        run.logger.log({"step": run.step, "stopped_by": name, "checkpoint": ck.name})
+        print(msg, file=sys.stderr, flush=True)
+    raise Preempted(signum, run.step, ck, msg)
+
+
+def _stopped_after_training(run: _Run) -> Preempted:
+    """A stop that came after the last step (final grids or evaluation): the final checkpoint is there already."""
+    signum, name = _signal_name(run)
+    msg = (f"imm_fast: stopped by {name} after the last step ({run.step}): checkpoint {run.last_ck} is complete; "
+           f"the final sample grids or evaluation were not finished; to evaluate: "
+           f"{_resume_command(run.run_dir, run.d.world)} final_eval=true")
+    if run.d.main:
+        print(msg, file=sys.stderr, flush=True)
+    return Preempted(signum, run.step, run.last_ck, msg)
+
+
+def _stopped_in_setup(signals: _Signals, cfg: TrainConfig) -> Preempted:
+    name = _SIGNAL_NAMES[signals.signum]
+    msg = f"imm_fast: stopped by {name} before the first step: nothing was trained, nothing to save" + (
+        f"; resume with: python -m imm_fast train resume={shlex.quote(str(cfg.resume))}" if cfg.resume else "")
+    print(msg, file=sys.stderr, flush=True)
+    return Preempted(signals.signum, 0, None, msg)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
+# One CPU thread by default: measured on a 2-core machine (benchmarks/RESULTS.md, "CPU threads"), 2 threads are
+# faster on an idle machine but many times slower when another process keeps one core busy (every OpenMP barrier
+# waits for the descheduled thread), and a shared machine is the common case.
+_DEFAULT_THREADS = 1
+
+
+def _cpu_threads(cfg: TrainConfig, device: torch.device) -> None:
+    """threads= when given; else, on the CPU, 1 unless OMP_NUM_THREADS says otherwise (see _DEFAULT_THREADS)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(_DEFAULT_THREADS)
+
+
+def _threads_note(device: torch.device) -> str:
+    return f", {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() != 1 else ''}" \
+        if device.type == "cpu" else ""
+
+
+def _after_step(run: _Run, out: _StepOut, callback):
+    """EMA, metrics line, checkpoint, grids and evaluation when due, after an applied step."""
+    cfg, d = run.cfg, run.d
+    run.skipped_in_a_row = 0
+    run.step += 1
+    decay = _update_ema(run)
+    run.window.sums += torch.stack([out.loss.double(), out.grad_norm.double()])
+    run.window.steps += 1
+    final = run.step == cfg.max_steps
+    if _due(cfg.log_every, run.step) or final:
+        _log(run, out.lr, decay)
+    if _due(cfg.ckpt_every, run.step) or final:
+        _checkpoint(run)
+    try:  # grids and evaluations hold nothing to save: a stop abandons them (single process; DDP ranks wait)
+        with run.signals.abandonable(d.world == 1):
+            if d.main and (_due(cfg.sample_every, run.step) or final):
+                _sample(run)
+            if d.main and _due(cfg.eval_every, run.step) and not final:
+                run.logger.log({"step": run.step, "eval": _scalars(_evaluate(run))})
+    except _Interrupted:
+        pass  # acted on at the next step boundary
+    if callback is not None:
+        callback(run.step, {"loss": float(out.loss), "model": run.model, "ema": run.ema})
+    if d.world > 1 and (final or any(_due(e, run.step) for e in (cfg.ckpt_every, cfg.sample_every, cfg.eval_every))):
+        _barrier(d)  # keep ranks together while rank 0 writes
+
+
+def _loop(run: _Run, callback, reevaluate: bool) -> dict:
+    """Steps until max_steps, then the final metrics; a signal is acted on between steps."""
+    cfg = run.cfg
+    if run.resumed and run.step >= cfg.max_steps:
+        return _finished_run(run, reevaluate)
+    run.model.train()
+    while run.step < cfg.max_steps:
+        _act_on_signal(run)
+        out = _train_step(run)
+        if not out.applied:
+            _skip(run, out)
+            continue
+        _after_step(run, out, callback)
+    run.progress.close()
+    if run.signals.request == _STOP:
+        raise _stopped_after_training(run)
+    try:
+        with run.signals.abandonable(run.d.world == 1):
+            return _finish(run)
+    except _Interrupted:
+        raise _stopped_after_training(run) from None
+
+
 def train(cfg=None, *, callback: Optional[Callable[[int, dict], None]] = None, **overrides) -> TrainResult:
     """Train an IMM model; returns TrainResult(run_dir, step, metrics, checkpoint).
 
     cfg: None (the digits preset), a preset name (imm_fast.PRESETS), a TrainConfig, a dict or a YAML/JSON path.
     overrides: dotted config keys, e.g. train("digits", max_steps=100, **{"model.depth": 2}).
-    resume=<run or checkpoint folder> continues that run exactly (with its saved config when cfg is None).
+    resume=<run or checkpoint folder> continues that run exactly (with its saved config when cfg is None); a run
+    that already reached max_steps is left as it is (final_eval=true with the resume evaluates it again).
     callback(step, info): called on every rank after each applied optimizer step (tests use it).
     Under torchrun each process trains its slice of the global batch (DDP); only rank 0 writes files.
+    SIGTERM / SIGINT stop the run at a step boundary with a verified checkpoint and raise Preempted (a SystemExit
+    with status 143 / 130) after printing the resume command; SIGUSR1 writes a checkpoint and carries on
+    (cfg.sigusr1="exit": stops like SIGTERM).
     Raises NonFiniteError after cfg.max_nonfinite_steps non-finite steps in a row, RunFolderBusyError when another
     process writes the run folder.
     """
     cfg = _resolve(cfg, overrides)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    threads_before = torch.get_num_threads()
+    _cpu_threads(cfg, device)
     check_fits(cfg, device, int(os.environ.get("WORLD_SIZE", "1")))  # sizes against this machine, before step 0
     d = _init_distributed(device)
+    signals = _Signals(cfg.sigusr1).install()
     try:
         with contextlib.ExitStack() as stack:  # the run lock, the logger, the progress bar
-            run = _setup(cfg, device, d, stack)
-            run.model.train()
-            while run.step < cfg.max_steps:
-                out = _train_step(run)
-                if not out.applied:
-                    _skip(run, out)
-                    continue
-                run.skipped_in_a_row = 0
-                run.step += 1
-                decay = _update_ema(run)
-                run.window.sums += torch.stack([out.loss.double(), out.grad_norm.double()])
-                run.window.steps += 1
-                final = run.step == cfg.max_steps
-                if _due(cfg.log_every, run.step) or final:
-                    _log(run, out.lr, decay)
-                if _due(cfg.ckpt_every, run.step) or final:
-                    _checkpoint(run)
-                if d.main and (_due(cfg.sample_every, run.step) or final):
-                    _sample(run)
-                if d.main and _due(cfg.eval_every, run.step) and not final:
-                    run.logger.log({"step": run.step, "eval": _scalars(_evaluate(run))})
-                if callback is not None:
-                    callback(run.step, {"loss": float(out.loss), "model": run.model, "ema": run.ema})
-                if d.world > 1 and (final or any(_due(e, run.step) for e in
-                                                 (cfg.ckpt_every, cfg.sample_every, cfg.eval_every))):
-                    _barrier(d)  # keep ranks together while rank 0 writes
-            run.progress.close()
-            metrics = _finish(run)
+            try:
+                with signals.abandonable():
+                    run = _setup(cfg, device, d, stack, signals)
+            except _Interrupted:
+                raise _stopped_in_setup(signals, cfg) from None
+            metrics = _loop(run, callback, bool(overrides.get("final_eval")))
             _barrier(d)
             if d.main and run.last_ck is None:
                 run.last_ck = find_checkpoint(run.run_dir, explain=False)
-            return TrainResult(run.run_dir, run.step, metrics, run.last_ck if d.main else None)
+            return TrainResult(run.run_dir if d.main else None, run.step, metrics, run.last_ck if d.main else None)
     finally:
+        signals.restore()
+        torch.set_num_threads(threads_before)  # the caller's setting again (a notebook, a test)
         if d.initialized_here:
             import torch.distributed as dist
 

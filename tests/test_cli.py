@@ -13,6 +13,13 @@ TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "batch_siz
         "sample.num_images=10", "sample.steps=[1]", "final_eval=false", "progress=false", "threads=1"]
 
 
+@pytest.fixture(autouse=True)
+def _own_working_folder(tmp_path, monkeypatch):
+    """Each CLI test runs in its own empty folder: nothing in the folder pytest was started from (a samples.png the
+    README's `sample` command wrote, a runs/ folder) changes what a test sees, and no test writes there."""
+    monkeypatch.chdir(tmp_path)
+
+
 def test_parse_overrides():
     assert parse_overrides(["a=1", "b.c=0.5", "d=[1, 2]", "e=true", "f=text", "g="]) == {
         "a": 1, "b.c": 0.5, "d": [1, 2], "e": True, "f": "text", "g": None}
@@ -39,6 +46,48 @@ def test_train_then_sample_from_the_command_line(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "cli"), "--out", str(png)]) == 2  # no silent overwrite
     assert png.read_bytes() == before
     assert "exists" in capsys.readouterr().err
+    assert "metrics: {}" not in out  # final_eval=false: no bare empty metrics line
+
+
+def test_sample_checks_the_checkpoint_before_the_output_file(tmp_path, capsys):
+    (tmp_path / "samples.png").write_bytes(b"a grid the user keeps")  # the default --out, in the current folder
+    assert main(["sample", str(tmp_path / "typo-run")]) == 2
+    line = _one_error_line(capsys)
+    assert "typo-run" in line and "does not exist" in line, line  # the first thing to fix, not the output file
+    assert (tmp_path / "samples.png").read_bytes() == b"a grid the user keeps"
+
+
+def test_every_option_of_every_command_has_help_and_its_default():
+    import argparse
+
+    from imm_fast.__main__ import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subs) == {"train", "config", "sample", "encode", "eval"}
+    for name, sub in subs.items():
+        fmt = sub._get_formatter()
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = fmt._get_help_string(action)
+            assert action.help, (name, action.dest)
+            if action.option_strings:  # every option says what happens when it is not given
+                assert "default" in (text % {"default": action.default}).lower(), (name, action.dest, text)
+    sample_help = subs["sample"].format_help()
+    assert "samples.png" in sample_help and "current folder" in sample_help
+    assert "no guidance" in " ".join(sample_help.split()) and "w=2" in sample_help
+
+
+def test_interrupted_outside_training_is_one_line_and_130(monkeypatch, capsys):
+    import imm_fast.__main__ as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_sample", interrupted)
+    assert main(["sample", "x"]) == 130
+    assert _one_error_line(capsys) == "error: interrupted (Ctrl-C)"
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):
@@ -184,3 +233,18 @@ def test_a_run_stopped_by_nonfinite_steps_is_one_line_and_not_success(tmp_path, 
     assert len(errors) == 1 and "Traceback" not in err, err  # the skips are logged above the one error line
     assert "2 optimizer steps in a row were non-finite" in errors[0] and "likely causes" in errors[0]
     assert not list((tmp_path / "nan").glob("checkpoints/step-*"))  # nothing saved from a run that never stepped
+
+
+def test_a_preempted_run_exits_with_the_signals_status(monkeypatch, capsys):
+    import signal
+
+    import imm_fast.__main__ as cli
+    from imm_fast.training import Preempted
+
+    for sig, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        def preempted(args, sig=sig):
+            raise Preempted(sig, 7, None, "stopped")
+
+        monkeypatch.setattr(cli, "_cmd_train", preempted)
+        assert main(["train"]) == status
+        assert "Traceback" not in capsys.readouterr().err

@@ -72,3 +72,64 @@ def test_two_gloo_ranks_stop_together_on_nonfinite_steps(tmp_path):
     assert "2" in codes and codes <= {"2", "-15"}, p.stderr[-3000:]
     assert 'File "' + str(Path(imm_fast.__file__).parent) not in p.stderr, p.stderr[-3000:]  # no imm_fast traceback
     assert not list((tmp_path / "nan").glob("checkpoints/step-*"))
+
+
+def _worker_pids(launcher_pid):
+    """{rank: pid} of the torchrun workers below the launcher (their RANK from /proc/<pid>/environ)."""
+    out, todo = {}, [launcher_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            continue
+        for kid in map(int, kids):
+            todo.append(kid)
+            try:
+                env = dict(x.split("=", 1) for x in Path(f"/proc/{kid}/environ").read_text().split("\0") if "=" in x)
+            except OSError:
+                continue
+            if "RANK" in env and "LOCAL_RANK" in env:
+                out[int(env["RANK"])] = kid
+    return out
+
+
+@pytest.mark.slow  # three torchrun launches
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the ranks through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_then_resume_is_exact(tmp_path):
+    """SIGTERM to rank 1 only: rank 0 never sees a signal, yet both stop after the same step (they agree in the
+    step's all-reduce), rank 0 writes a verified checkpoint, nothing hangs; the resumed 2-rank run ends with the
+    weights of an uninterrupted one."""
+    import json
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    from imm_fast.checkpoint import verify_checkpoint
+
+    args = [a for a in ARGS if not a.startswith("max_steps")] + ["max_steps=40", "ckpt_every=0"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "imm_fast", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    stopped = subprocess.Popen(torchrun + [f"out_dir={tmp_path}", "run_name=stop"] + args, cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "stop" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):  # a few steps done
+        assert stopped.poll() is None and time.time() < deadline, stopped.communicate()
+        time.sleep(0.05)
+    os.kill(_worker_pids(stopped.pid)[1], signal.SIGTERM)
+    _, err = stopped.communicate(timeout=240)
+    assert stopped.returncode != 0
+    line = [x for x in err.splitlines() if "imm_fast: stopped by SIGTERM at step" in x]
+    assert len(line) == 1 and "resume with: torchrun --nproc_per_node 2 -m imm_fast train resume=" in line[0], err
+    cks = sorted((tmp_path / "stop" / "checkpoints").glob("step-*"))
+    assert len(cks) == 1 and verify_checkpoint(cks[0]) is None and int(cks[0].name[5:]) < 40
+    assert (tmp_path / "stop" / "run.lock").read_text() == ""
+    _run(torchrun + [f"resume={tmp_path / 'stop'}"], tmp_path)
+    _run(torchrun + [f"out_dir={tmp_path}", "run_name=full"] + args, tmp_path)
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step-0000040" / "model.safetensors"))
+    b = load_file(str(tmp_path / "stop" / "checkpoints" / "step-0000040" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == 40

@@ -219,6 +219,8 @@ class _Child:
                     os.environ["IMM_FAST_TEST_PAUSE"] = pause
                 imm_fast.train(None, callback=(lambda step, info: time.sleep(delay)) if delay else None, **overrides)
                 code = 0
+            except SystemExit as e:  # training.Preempted: the exit status of the signal
+                code = e.code
             except BaseException:
                 import traceback
 
@@ -337,6 +339,106 @@ def test_latest_outside_the_run_is_refused(tmp_path, pointer):
         imm_fast.train(None, resume=str(r.run_dir), max_steps=4)
     with pytest.raises(ValueError, match="refusing to follow"):
         imm_fast.load_official(r.run_dir)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM / SIGINT / SIGUSR1 at a random moment, then resume: the same weights as without the signal
+# ------------------------------------------------------------------------------------------------------------------
+def _read_all(proc, timeout=180):
+    """Everything the child writes to stderr until it exits."""
+    deadline, seen = time.time() + timeout, b""
+    while time.time() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        chunk = os.read(proc.stderr.fileno(), 65536) if ready else b""
+        seen += chunk
+        if ready and not chunk:
+            break
+    proc.wait()
+    return seen.decode()
+
+
+def _assert_bit_identical(ck: Path, ref):
+    for name, want in ref.items():
+        got = _weights(ck / name)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), (ck, name)
+
+
+@pytest.mark.parametrize("sig, ckpt_every, seed", [(signal.SIGTERM, 0, 1), (signal.SIGTERM, 2, 2),
+                                                   (signal.SIGINT, 0, 3), (signal.SIGINT, 2, 4),
+                                                   (signal.SIGTERM, 0, 5)])
+def test_signal_at_a_random_moment_saves_then_resume_is_exact(tmp_path, capfd, reference_run, sig, ckpt_every, seed):
+    run = tmp_path / "p"
+    child = _Child({**FAST, "out_dir": str(tmp_path), "run_name": "p", "max_steps": 6, "ckpt_every": ckpt_every},
+                   delay=0.1)
+    _wait_for_line(child, "imm_fast: training")
+    time.sleep(np.random.RandomState(seed).uniform(0.0, 0.9))  # anywhere from setup's end to past the last step
+    os.kill(child.pid, sig)
+    err = _read_all(child)
+    assert child.returncode == 128 + sig, err  # 143 for SIGTERM, 130 for SIGINT
+    assert "Traceback" not in err, err
+    name = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}[sig]
+    assert f"stopped by {name}" in err and f"python -m imm_fast train resume={run.absolute()}" in err, err
+    assert (run / "run.lock").read_text() == ""  # released
+    names = _assert_checkpoints_finite(run)  # every checkpoint verifies
+    stopped = max(int(n[5:]) for n in names)
+    assert f"checkpoint {run / 'checkpoints' / names[-1]}" in err or stopped == 6, err
+    capfd.readouterr()
+
+    r = imm_fast.train(None, resume=str(run))  # the run folder, nothing else
+    assert r.step == 6
+    _assert_bit_identical(run / "checkpoints" / "step-0000006", reference_run)
+    assert [x["step"] for x in _records(run) if "loss" in x] == [1, 2, 3, 4, 5, 6]  # reads as one run
+
+
+def test_more_signals_during_the_save_change_nothing(tmp_path, monkeypatch, reference_run):
+    """SIGTERM, then SIGINT, SIGTERM and SIGUSR1 while the checkpoint is being written (a slowed-down save): the
+    first signal decides, the checkpoint is complete and verified, the resume exact."""
+    real = training.save_checkpoint
+
+    def slow(*a, **k):
+        print("SAVING", file=sys.stderr, flush=True)
+        time.sleep(0.6)
+        return real(*a, **k)
+
+    monkeypatch.setattr(training, "save_checkpoint", slow)  # the forked child inherits it
+    run = tmp_path / "s"
+    child = _Child({**FAST, "out_dir": str(tmp_path), "run_name": "s", "max_steps": 6, "ckpt_every": 0}, delay=0.2)
+    _wait_for_line(child, "imm_fast: training")
+    time.sleep(0.3)
+    os.kill(child.pid, signal.SIGTERM)
+    _wait_for_line(child, "SAVING")
+    for extra in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        os.kill(child.pid, extra)
+        time.sleep(0.05)
+    err = _read_all(child)
+    assert child.returncode == 143, err
+    assert "already stopping" in err and "Traceback" not in err, err
+    names = _assert_checkpoints_finite(run)
+    assert len(names) == 1 and not list((run / "checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(training, "save_checkpoint", real)
+    r = imm_fast.train(None, resume=str(run))
+    _assert_bit_identical(r.checkpoint, reference_run)
+
+
+@pytest.mark.parametrize("mode", ["save", "exit"])
+def test_sigusr1_saves_and_carries_on_or_exits_when_asked(tmp_path, reference_run, mode):
+    run = tmp_path / "u"
+    child = _Child({**FAST, "out_dir": str(tmp_path), "run_name": "u", "max_steps": 6, "ckpt_every": 0,
+                    "sigusr1": mode}, delay=0.2)
+    _wait_for_line(child, "imm_fast: training")
+    time.sleep(0.5)
+    os.kill(child.pid, signal.SIGUSR1)
+    err = _read_all(child)
+    names = _assert_checkpoints_finite(run)
+    if mode == "save":
+        assert child.returncode == 0 and "SIGUSR1: checkpoint" in err and "training continues" in err, err
+        assert len(names) == 2 and names[-1] == "step-0000006", names  # the SIGUSR1 one and the final one
+        _assert_bit_identical(run / "checkpoints" / "step-0000006", reference_run)
+    else:
+        assert child.returncode == 128 + signal.SIGUSR1 and "stopped by SIGUSR1" in err, err
+        r = imm_fast.train(None, resume=str(run))
+        _assert_bit_identical(r.checkpoint, reference_run)
 
 
 # ------------------------------------------------------------------------------------------------------------------

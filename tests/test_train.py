@@ -23,6 +23,12 @@ TINY = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "batch_
         "progress": False, "final_eval": False, "log_every": 2, "sample_every": 0, "device": "cpu"}
 
 
+@pytest.fixture(autouse=True)
+def _own_working_folder(tmp_path, monkeypatch):
+    """Nothing a test does depends on, or writes into, the folder pytest was started from."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _load(path):
     from safetensors.torch import load_file
 
@@ -247,3 +253,112 @@ def test_reference_switch_gives_the_same_training(tmp_path, monkeypatch):
         torch.testing.assert_close(runs[True][0][k], runs[False][0][k], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="everything")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One run per folder; what a resume may change; a finished run; links
+# ------------------------------------------------------------------------------------------------------------------
+def test_a_fresh_run_never_writes_into_another_runs_folder(tmp_path, monkeypatch):
+    # A killed run that wrote no checkpoint left its config and metrics: a rerun with the same name is refused.
+    old = tmp_path / "r"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (old / "config.json").write_text('{"lr": 0.5}')
+    before = _digest(old)
+    with pytest.raises(ValueError, match=r"already holds another run's files \(config.json, metrics.jsonl\)"):
+        imm_fast.train(None, out_dir=str(tmp_path), run_name="r", max_steps=1, **TINY)
+    assert _digest(old) == before
+    # The default <name>-<time> folder taken (two runs in the same second): the new run gets its own folder.
+    from imm_fast import training
+
+    monkeypatch.setattr(training.time, "strftime", lambda fmt, t=None: "20260101-000000")
+    taken = tmp_path / "digits-20260101-000000"
+    taken.mkdir()
+    (taken / "metrics.jsonl").write_text("")
+    r = imm_fast.train(None, out_dir=str(tmp_path), max_steps=1, **TINY)
+    assert r.run_dir == tmp_path / "digits-20260101-000000-2"
+    assert [p.name for p in taken.iterdir()] == ["metrics.jsonl"]
+
+
+def test_resume_refuses_or_records_changes_that_break_exactness(tmp_path, capfd):
+    r = imm_fast.train(None, out_dir=str(tmp_path), run_name="r", max_steps=2, **TINY)
+    before = _digest(r.run_dir)
+    for key, value in (("seed", 7), ("optimizer", "radam")):
+        with pytest.raises(ValueError, match=f"changes {key} .* -> '?{value}"):
+            imm_fast.train(None, resume=str(r.run_dir), max_steps=3, **{key: value})
+        assert _digest(r.run_dir) == before
+    capfd.readouterr()
+    r2 = imm_fast.train(None, resume=str(r.run_dir), max_steps=3, batch_size=32, **{"loss.group_size": 8})
+    err = capfd.readouterr().err
+    warnings = [x for x in err.splitlines() if "warning: this resume changes" in x]
+    assert len(warnings) == 1 and "batch_size 16 -> 32" in warnings[0] and "loss.group_size 4 -> 8" in warnings[0]
+    records = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {"step": 2, "resumed_from": "step-0000002",
+            "inexact_changes": {"batch_size": [16, 32], "loss.group_size": [4, 8]}} in records
+    assert r2.step == 3
+    # The top-level config is the one the run now trains with (the checkpoints keep their own).
+    top = load_train_config(json.loads((r.run_dir / "config.json").read_text()))
+    assert top.batch_size == 32 and top.max_steps == 3
+
+
+def test_resuming_a_finished_run_does_nothing_unless_asked_to_evaluate(tmp_path, capfd):
+    r = imm_fast.train(None, out_dir=str(tmp_path), run_name="r", max_steps=2, final_eval=True,
+                       **{k: v for k, v in TINY.items() if k != "final_eval"})
+    before = _digest(r.run_dir)
+    capfd.readouterr()
+    again = imm_fast.train(None, resume=str(r.run_dir))
+    assert "already finished (step 2, max_steps=2)" in capfd.readouterr().err
+    assert again.step == 2 and again.metrics == {} and again.checkpoint == r.checkpoint
+    assert _digest(r.run_dir) == before  # no evaluation, no new line, nothing rewritten
+    again = imm_fast.train(None, resume=str(r.run_dir), final_eval=True)
+    assert set(again.metrics["digits"]) == {"1", "2"}
+    lines = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sum("eval" in x for x in lines) == 1  # replaced, not duplicated
+
+
+def test_metrics_jsonl_is_never_written_through_a_link(tmp_path):
+    r = imm_fast.train(None, out_dir=str(tmp_path), run_name="r", max_steps=2, ckpt_every=1, **TINY)
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me\n")
+    (r.run_dir / "metrics.jsonl").unlink()
+    (r.run_dir / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(ValueError, match="symbolic link"):
+        imm_fast.train(None, resume=str(r.run_dir), max_steps=3)
+    assert target.read_text() == "keep me\n"
+    # A link put in place while the run writes is refused by the open itself (O_NOFOLLOW), never appended through.
+    from imm_fast.training import _Logger
+
+    logger = _Logger(tmp_path / "fresh", None)
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(OSError):
+        logger.log({"step": 1})
+    assert target.read_text() == "keep me\n"
+
+
+def test_the_start_line_names_the_cpu_threads(tmp_path, capfd, monkeypatch):
+    n = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        imm_fast.train(None, out_dir=str(tmp_path), run_name="a", max_steps=1, **TINY)
+        assert "1 CPU thread)" in capfd.readouterr().err  # the default on CPU
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+        imm_fast.train(None, out_dir=str(tmp_path), run_name="b", max_steps=1, threads=2, **TINY)
+        assert "2 CPU threads)" in capfd.readouterr().err
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        imm_fast.train(None, out_dir=str(tmp_path), run_name="c", max_steps=1, **TINY)
+        assert "2 CPU threads)" in capfd.readouterr().err  # the user's OMP_NUM_THREADS is kept
+    finally:
+        torch.set_num_threads(n)
+
+
+def test_a_changed_world_size_is_named_as_inexact():
+    from imm_fast.config import config_to_dict
+    from imm_fast.training import _resume_changes
+
+    cfg = load_train_config(None, {"batch_size": 32})
+    saved = config_to_dict(load_train_config(None, {"batch_size": 32}))
+    assert _resume_changes(cfg, saved, 2, 2) == {} and _resume_changes(cfg, saved, None, 4) == {}
+    assert _resume_changes(cfg, saved, 2, 1) == {"world_size": [2, 1]}
