@@ -106,7 +106,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_then_resume_is_ex
 
     from safetensors.torch import load_file
 
-    from imm_fast.checkpoint import verify_checkpoint
+    from imm_fast.checkpoints import verify_checkpoint
 
     args = [a for a in ARGS if not a.startswith("max_steps")] + ["max_steps=40", "ckpt_every=0"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
