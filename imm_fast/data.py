@@ -42,7 +42,7 @@ def digits_to_model(raw):
 
 
 def to_pixels(x, kind="uint8"):
-    """Model-scale samples (N, C, R, R) -> uint8 pixels on the CPU, the one decoder per kind of data:
+    """Model-scale samples (N, C, R, R) -> uint8 pixels on the CPU, the decoder per kind of data:
     "digits": x * 12 + 8 back to 0..16, then to 0..255; "uint8" (images scaled to [-1, 1]): (x + 1) / 2 * 255.
     Values outside the range are clamped."""
     if kind not in PIXEL_KINDS:

@@ -655,7 +655,7 @@ class _CacheLock:
 # evaluate()
 # ----------------------------------------------------------------------------------------------------------------
 def checkpoint_file(path, trust_unverified=False):
-    """The weights file load_official reads for `path` (imm_fast.checkpoints.resolve_weights, the one resolver:
+    """The weights file load_official reads for `path` (imm_fast.checkpoints.resolve_weights, the resolver:
     hf:// addresses, run folders with or without `latest`, checkpoint folders, files)."""
     from .checkpoints import resolve_weights
 
@@ -739,6 +739,13 @@ def _write_record(out, stamp, result):
     return publish_new(out / f"eval-{stamp}.json", lambda tmp: Path(tmp).write_text(text))
 
 
+def _ref_required(checkpoint) -> ValueError:
+    return ValueError(f"ref is required for {str(checkpoint)!r} (--ref): statistics (.npz with mu, sigma, e.g. "
+                      "EDM's cifar10-32x32.npz or ADM's VIRTUAL_imagenet256_labeled.npz) or a dataset to compute "
+                      "them from (a CIFAR-10 python folder, an image folder, an .npz/.npy of uint8 images); only "
+                      "a digits run (config.json beside the checkpoint) is evaluated without one")
+
+
 def evaluate(checkpoint, ref=None, num=None, steps=None, cfg_scale=None, sampler=None, grid="uniform", batch=64,
              seed=None, inception=None, vae=None, device=None, save_npz=False, shard_size=1000, is_splits=10,
              out_dir=None, ref_resolution=None, keep_cache=False, progress=True, verbose=True,
@@ -752,8 +759,9 @@ def evaluate(checkpoint, ref=None, num=None, steps=None, cfg_scale=None, sampler
     ("pushforward"; digits: the run's). grid: "uniform", "edm" or a list of middle eta values (then steps is
     len(list) + 1). metrics: names in imm_fast.metrics.METRICS. inception / dinov2: the weights files, "download",
     or None (the environment variable, then the torch hub cache). vae: a local AutoencoderKL folder for latent
-    models. save_npz: also write ADM's sample-batch .npz per step count. Returns the dict written to
-    <out_dir>/eval-<time>.json (default: beside the checkpoint) on every rank; rank 0 writes it and prints the table.
+    models. save_npz: also write ADM's sample-batch .npz per step count. trust_unverified: accept a training
+    checkpoint without its manifest. Returns the dict written to <out_dir>/eval-<time>.json (default: beside the
+    checkpoint; the current folder for hf://, never the Hub cache) on every rank; rank 0 writes it and prints the table.
     """
     t_start = time.perf_counter()
     metrics = M.check_metrics(metrics)
@@ -764,10 +772,7 @@ def evaluate(checkpoint, ref=None, num=None, steps=None, cfg_scale=None, sampler
         if kind == "digits":
             return evaluate_digits(checkpoint, run_cfg, num, steps, cfg_scale, sampler, seed, out_dir, device, verbose,
                                    ck_file=ck_file)
-        raise ValueError(f"ref is required for {str(checkpoint)!r} (--ref): statistics (.npz with mu, sigma, e.g. "
-                         "EDM's cifar10-32x32.npz or ADM's VIRTUAL_imagenet256_labeled.npz) or a dataset to compute "
-                         "them from (a CIFAR-10 python folder, an image folder, an .npz/.npy of uint8 images); only "
-                         "a digits run (config.json beside the checkpoint) is evaluated without one")
+        raise _ref_required(checkpoint)
     if not isinstance(grid, str):
         grid = [float(v) for v in grid]
         steps = (len(grid) + 1,)

@@ -2,7 +2,7 @@
 
 A run folder <out_dir>/<run_name>/ holds:
   config.json                      the resolved TrainConfig
-  run.lock                         locked (fcntl.flock) by the one process writing the folder, which it names
+  run.lock                         locked (fcntl.flock) by the process writing the folder, which it names
   metrics.jsonl                    one JSON object per logged step (loss, grad norm, lr, it/s, samples/s, skipped
                                    steps, non-finite groups) + evals; strict JSON (non-finite numbers become null)
   samples/step-<7-digit step>-<N>step.png sample grids of the EMA model at each step count N
@@ -12,7 +12,7 @@ A run folder <out_dir>/<run_name>/ holds:
 
 `train` reads top to bottom: _setup (checks, the run folder under its lock, model, EMA, optimizer, generators,
 resume), then per step _train_step (one optimizer step, or a skipped one), _update_ema, _log, and _checkpoint /
-_sample / _evaluate when due. Checkpoint files, the one `latest` resolver and the lock live in imm_fast.checkpoints.
+_sample / _evaluate when due. Checkpoint files, the `latest` resolver and the lock live in imm_fast.checkpoints.
 
 A long run never lies: a step whose loss or global grad norm is non-finite (or whose groups imm_loss all masked)
 is skipped (optimizer, EMA and lr schedule untouched; one device-to-host sync per step decides it) and counted;
@@ -680,7 +680,7 @@ def _log(run: _Run, lr: float, decay: float):
 # ----------------------------------------------------------------------------------------------------------------
 def _checkpoint(run: _Run):
     """checkpoints/step-<step>/ (rank 0 writes). Every rank first checks the weights, so all stop together."""
-    bad = nonfinite_entries(run.model.state_dict(), run.ema.state_dict())  # the one check of these weights
+    bad = nonfinite_entries(run.model.state_dict(), run.ema.state_dict())  # once per checkpoint (model and EMA together): one host sync
     if bad:
         raise NonFiniteError(f"refusing to write the checkpoint of step {run.step}: the weights hold NaN or inf "
                              f"({', '.join(bad[:4])}); {_last_good(run)}; {_CAUSES}")
@@ -699,7 +699,7 @@ def _sample(run: _Run):
 
 
 def _evaluate(run: _Run) -> dict:
-    """The metrics of the EMA model (the one call site of evaluation, periodic and final)."""
+    """The metrics of the EMA model (the call site of evaluation, periodic and final)."""
     return evaluate(run.ema, run.ds, run.cfg, run.device, run.step)
 
 

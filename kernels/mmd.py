@@ -13,7 +13,7 @@ At the memory floor by construction. A program owns whole groups (persistent: pr
 and reads each group twice: pass 1 (all of D) sums the squared distances, then the kernel values and W are formed,
 then pass 2 (D in reverse, so the columns read last are the likeliest still in L2) writes the gradient rows.
 The D axis lies across lanes and warps and every pair is accumulated per lane: the loops hold no cross-lane
-reduction (no shuffles, no barriers); the one reduction over lanes follows pass 1. The number of programs is sized
+reduction (no shuffles, no barriers); the reduction over lanes follows pass 1. The number of programs is sized
 so that the groups in flight fit in half of L2, so pass 2 finds its rows there: HBM traffic is read x and y once,
 write each gradient once (3N elements with N = B*D in the IMM case, gradient for x only; 4N for both).
 The custom op's backward then scales the stored gradient by dL/dMMD2_g (read and write it once more).
@@ -156,7 +156,7 @@ def _level_terms(acc, bad, scr_ptr, M, s, inv_D, inv_m2, eps, N: tl.constexpr, H
     A: tl.constexpr = N >> (H + 1)
     K: tl.constexpr = 1 << H
     MP: tl.constexpr = N // 2
-    q = tl.sum(acc, axis=3)  # (A, K, K): the one reduction over lanes
+    q = tl.sum(acc, axis=3)  # (A, K, K): the reduction over lanes
     a = tl.arange(0, A)[:, None, None]
     i = a * (2 * K) + tl.arange(0, K)[None, :, None]      # rows of lo
     j = a * (2 * K) + K + tl.arange(0, K)[None, None, :]  # rows of hi

@@ -1,12 +1,12 @@
 """Checkpoints, split by job (each module imports only those before it in this list):
 
-  safe_pickle     the one restricted unpickler and the caps around hostile files (object-graph size and depth of a
+  safe_pickle     the restricted unpickler and the caps around hostile files (object-graph size and depth of a
                   pickle, zip expansion of a torch.save archive, tensor bytes against the file's size)
   official        the authors' released pickles: inert records of their modules, never their code
   native          imm_fast's own weights format (safetensors with the init kwargs in its metadata)
-  training_state  training checkpoints: write (manifest last, retention after), verify, list, the one resolver
-                  (resolve_checkpoint / resolve_weights, the one reader of `latest`), repair after a kill
-  loading         load_official: the one resolver, then a table of loaders by file kind
+  training_state  training checkpoints: write (manifest last, retention after), verify, list, the resolver
+                  (resolve_checkpoint / resolve_weights, the reader of `latest`), repair after a kill
+  loading         load_official: the resolver, then a table of loaders by file kind
   lock            RunLock: one writer per run folder
   publish         push_to_hub: the resolved checkpoint and its own metrics to the Hugging Face Hub
 """

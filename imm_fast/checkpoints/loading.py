@@ -1,6 +1,6 @@
 """load_official: any supported checkpoint -> an IMM model of imm_fast's own modules, through a table of loaders.
 
-The path goes through the one resolver (training_state.resolve_weights: hf:// addresses, run folders, checkpoint
+The path goes through the resolver (training_state.resolve_weights: hf:// addresses, run folders, checkpoint
 folders), then the file's kind picks its loader in LOADERS (diffusers' habit: adding a format is one entry):
 - "safetensors": imm_fast's own file (native.save_model: init kwargs in the metadata), or a plain state dict;
 - "torch-zip": a torch.save state dict, size-checked before torch inflates it, read weights-only;

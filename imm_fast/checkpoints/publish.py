@@ -1,4 +1,4 @@
-"""push_to_hub: upload the checkpoint the one resolver chooses, with a model card of THAT checkpoint's metrics."""
+"""push_to_hub: upload the checkpoint the resolver chooses, with a model card of THAT checkpoint's metrics."""
 from __future__ import annotations
 
 import json

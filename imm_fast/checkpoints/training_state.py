@@ -1,10 +1,10 @@
-"""Training-state checkpoints: writing, verifying, the one resolver, repair after a kill, and retention.
+"""Training-state checkpoints: writing, verifying, the resolver, repair after a kill, and retention.
 
 Layout: <run>/checkpoints/step-<7-digit step>/ {model,ema}.safetensors, train_state.pt, config.json and
 manifest.json (sizes + sha256 of the four, written LAST), plus checkpoints/latest naming the newest. A checkpoint is
 written into a temporary sibling and published by one rename; `latest` moves after it.
 
-`resolve_checkpoint` is the one resolver behind resume, load_official, evaluate, sample and push_to_hub: a
+`resolve_checkpoint` is the resolver behind resume, load_official, evaluate, sample and push_to_hub: a
 checkpoint folder must verify; a run folder (or its checkpoints/) gives its newest checkpoint that verifies, with
 `latest` read here only, as a cross-check. Verification needs the manifest (a checkpoint without one is used only
 with trust_unverified=True) and refuses links: checkpoint folders, their files and `latest` resolve only inside
@@ -271,7 +271,7 @@ def list_checkpoints(ck_root) -> list:
 
 
 def read_latest(ck_root) -> "str | None":
-    """The checkpoint name in <ck_root>/latest (None without one): the one place `latest` is read. It must be a
+    """The checkpoint name in <ck_root>/latest (None without one): the place `latest` is read. It must be a
     small regular file (not a link) naming a folder inside ck_root: an absolute path, a `..` or any other path is
     refused (a resume would otherwise write into another run), and the message quotes at most a short excerpt."""
     latest = Path(ck_root) / "latest"
@@ -319,10 +319,10 @@ def run_folder_of(path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The one resolver
+# The resolver
 # --------------------------------------------------------------------------------------------------------------
 def resolve_checkpoint(path, full: bool = True, trust_unverified: bool = False):
-    """(checkpoint folder, notes): the one resolver behind resume, load_official, evaluate and push_to_hub.
+    """(checkpoint folder, notes): the resolver behind resume, load_official, evaluate and push_to_hub.
 
     path: a checkpoint folder (it must verify), or a run folder / its checkpoints/ folder: the newest checkpoint
     that is complete and verifies; `latest` is only a cross-check (a kill between the rename of a new checkpoint

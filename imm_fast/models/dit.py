@@ -280,7 +280,7 @@ class DiT(nn.Module):
         return c + y
 
     def use_fused(self, x):
-        """Whether forward takes the fused path for inputs like x (the one resolution: _backend.resolve_fused)."""
+        """Whether forward takes the fused path for inputs like x (the resolution: _backend.resolve_fused)."""
         return _backend.resolve_fused(self.fused, x.device)
 
     def forward(self, x, noise_labels_t, noise_labels_s=None, class_labels=None):

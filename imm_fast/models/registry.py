@@ -53,7 +53,7 @@ def names() -> tuple:
 
 def resolve(model_type, key: str = "model_type"):
     """(config class, size keywords) for a model_type: a registered name, or a variant alias a backbone accepts in
-    stored kwargs (e.g. the authors' 'DiT_XL_2'). The one place where model_type is checked."""
+    stored kwargs (e.g. the authors' 'DiT_XL_2'). model_type is checked here only."""
     if isinstance(model_type, str):
         if model_type in _BACKBONES:
             return _BACKBONES[model_type], {}

@@ -171,7 +171,7 @@ _backend.register("adaln", _backend.Impl("triton", devices=("cuda", "cpu"), dtyp
 
 
 def _pick(backend, x, *vecs) -> str:
-    """The one rule of imm_fast._backend (argument > IMM_FAST_BACKEND > auto) for these tensors."""
+    """The rule of imm_fast._backend (argument > IMM_FAST_BACKEND > auto) for these tensors."""
     dtype = x.dtype
     for v in vecs:
         dtype = torch.promote_types(dtype, v.dtype)
