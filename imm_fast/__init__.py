@@ -1,6 +1,7 @@
 """imm_fast: Inductive Moment Matching with fused kernels.
 
-Public API: train, sample, evaluate, mmd_loss (mmd_loss_ref), load_official, push_to_hub, and the config dataclasses. Importing imm_fast imports
+Public API: train, sample, evaluate, mmd_loss (mmd_loss_ref), load_official, push_to_hub, and the config dataclasses.
+Importing imm_fast imports
 neither triton nor a compiler; heavy modules load on first use.
 """
 from __future__ import annotations

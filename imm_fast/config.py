@@ -242,8 +242,8 @@ class TrainConfig:
     amp: Optional[str] = spec("bf16", choices=PRECISIONS)  # student-pass autocast on CUDA (ignored on CPU)
     seed: int = spec(0, ge=0, le=SEED_MAX)  # seeds model init, data order, (s, r, t), noise, label dropout
     device: str = spec("auto", check=_device)  # "auto" (CUDA if available), "cpu", "cuda", "cuda:N"
-    threads: Optional[int] = spec(None, ge=1, cap=THREADS_MAX)  # torch CPU threads (None = 1 on the CPU unless OMP_NUM_THREADS is
-                                      # set: a busy core stalls every multi-threaded step; benchmarks/RESULTS.md)
+    threads: Optional[int] = spec(None, ge=1, cap=THREADS_MAX)  # torch CPU threads (None = 1 on the CPU unless
+                                      # OMP_NUM_THREADS is set: a busy core stalls every multi-threaded step)
     out_dir: str = spec("runs", check=_nonempty)  # parent folder of run folders
     run_name: Optional[str] = spec(None, check=_plain_name)  # run folder name (None = <name>-<UTC timestamp>)
     resume: Optional[str] = spec(None, check=_nonempty)  # a run folder or checkpoint folder to continue from

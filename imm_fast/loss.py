@@ -1,4 +1,5 @@
-"""The IMM objective (IMM paper, Sec. 4: the simplified formulation used in practice): one loss for a batch of B = G groups x M particles.
+"""The IMM objective (IMM paper, Sec. 4: the simplified formulation used in practice): one loss for a batch of
+B = G groups x M particles.
 
 Per group g one (s, r, t) shared by its M particles; per particle x_t = alpha_t x + sigma_t eps and
 x_r = alpha_r x + sigma_r eps with the same (x, eps); student y_t = f_theta(x_t, s, t) with dropped labels;

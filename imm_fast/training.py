@@ -680,7 +680,8 @@ def _log(run: _Run, lr: float, decay: float):
 # ----------------------------------------------------------------------------------------------------------------
 def _checkpoint(run: _Run):
     """checkpoints/step-<step>/ (rank 0 writes). Every rank first checks the weights, so all stop together."""
-    bad = nonfinite_entries(run.model.state_dict(), run.ema.state_dict())  # once per checkpoint (model and EMA together): one host sync
+    # Once per checkpoint, model and EMA together: one host sync.
+    bad = nonfinite_entries(run.model.state_dict(), run.ema.state_dict())
     if bad:
         raise NonFiniteError(f"refusing to write the checkpoint of step {run.step}: the weights hold NaN or inf "
                              f"({', '.join(bad[:4])}); {_last_good(run)}; {_CAUSES}")
