@@ -188,6 +188,7 @@ class ToyNet(torch.nn.Module):
 class ToyConfig(registry.ModelConfig):
     name = "Toy"
     network = ToyNet
+    imm_defaults = dict(f_type="simple_edm", temb_type="identity")  # what a bare state dict of it is loaded with
 
     width: int = spec(8, ge=1, cap=1024)   # hidden channels of the toy network
 
