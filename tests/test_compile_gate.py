@@ -189,3 +189,87 @@ def test_adaln_backward_rows_fill_the_gpu_at_small_batch():
     for B in (8, 32, 256):
         r108, r132 = (K._blocks(256, 1152, backward=True, B=B, sms=s)[0] for s in (108, 132))
         assert r132 <= r108
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The static performance model (benchmarks/roofline.py): its counts come from the code
+
+_ROOFLINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_roofline_bytes_equal_a_hand_count():
+    """adaLN forward (residual + modulate), B=3 T=16 C=64 fp32, modelled from a B=1 interpreter run: the model's
+    bytes equal the hand count: read x and y, gate/shift/scale once per program; write x_new and out, and the fp32
+    mean and rstd per row."""
+    out = probe(f"""
+        import sys
+        sys.path.insert(0, {_ROOFLINE!r})
+        import roofline as R
+        import imm_fast.kernels.adaln as A
+        case = R.Case("adaln", "small", "run_adaln", dict(B=3, T=16, C=64, dt="fp32", direction="fwd"), "B", 1,
+                      0, 0, False)
+        m = R.model(case)
+        rows = A._blocks(16, 64)[0]
+        print(json.dumps(dict(rows=[dict(kernel=r["kernel"], bytes=r["bytes"], programs=r["programs"])
+                                    for r in m["rows"]], torch_bytes=m["torch_bytes"], nt=-(-16 // rows))))
+    """)
+    B, T, C, e = 3, 16, 64, 4
+    hand = 2 * B * T * C * e + 3 * B * out["nt"] * C * e + 2 * B * T * C * e + 2 * B * T * 4
+    assert out["rows"] == [dict(kernel="_adaln_fwd_kernel", bytes=hand, programs=B * out["nt"])]
+    assert out["torch_bytes"] == 0
+
+
+_TOY = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def toy(x_ptr, out_ptr, D, REDUCE_IN_LOOP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    total = 0.0
+    for d0 in range(0, D, BLOCK):
+        x = tl.load(x_ptr + d0 + offs, mask=d0 + offs < D, other=0.0)
+        if REDUCE_IN_LOOP:
+            total += tl.sum(x * x, axis=0)  # a cross-lane reduction every iteration
+        else:
+            acc += x * x  # per lane; reduced once below
+    if not REDUCE_IN_LOOP:
+        total = tl.sum(acc, axis=0)
+    tl.store(out_ptr, total)
+'''
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_roofline_loop_counts_follow_the_kernel(tmp_path):
+    """The model reads its per-iteration counts from the compiled PTX: the same loop with its reduction inside
+    has warp shuffles and barriers in the loop body; accumulated per lane and reduced after the loop, it has none
+    there, and the loop is matched to its source `for`."""
+    (tmp_path / "toy_kernel.py").write_text(_TOY)
+    out = probe(f"""
+        import sys
+        sys.path[:0] = [{str(tmp_path)!r}, {_ROOFLINE!r}]
+        import roofline as R
+        import toy_kernel
+        res = {{}}
+        for inside in (True, False):
+            with P.compiling(P.TARGETS["sm_90"]) as launches:
+                x = torch.empty(4096, device="meta")
+                toy_kernel.toy[(1,)](x, x, 4096, REDUCE_IN_LOOP=inside, BLOCK=1024, num_warps=4)
+            loops, rest = R.ptx_loops(launches[0].compiled.ptx, toy_kernel.__file__)
+            src = R.source_loops(toy_kernel.toy.fn)
+            res[str(inside)] = dict(loops=[c for _, _, c, _ in loops], rest=rest,
+                                    matched=[any(s[0] <= l <= s[1] for l in lines for s in src)
+                                             for _, _, _, lines in loops])
+        print(json.dumps(res))
+    """)
+    inside, after = out["True"], out["False"]
+    assert len(inside["loops"]) == 1 and len(after["loops"]) == 1
+    assert inside["matched"] == [True] and after["matched"] == [True]
+    assert inside["loops"][0]["shfl"] > 0 and inside["loops"][0]["bar"] > 0
+    assert after["loops"][0]["shfl"] == 0 and after["loops"][0]["bar"] == 0 and after["rest"]["shfl"] > 0
+    assert inside["loops"][0]["ld_bytes"] == after["loops"][0]["ld_bytes"] > 0
