@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
 import re
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def compiling(target: Target):
     """Within: Triton launches compile for `target` and are recorded (yields the list of Launch), never run."""
     from triton.runtime.jit import JITFunction
 
-    if "TRITON_INTERPRET" in __import__("os").environ and __import__("os").environ["TRITON_INTERPRET"] == "1":
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("the compile probe needs TRITON_INTERPRET unset (jit functions, not interpreted ones)")
     cfg = _driver_config()
     saved_driver, saved_run = cfg._active, JITFunction.run

@@ -463,14 +463,18 @@ def _fwd_config(Dh, T, arch=90):
     return bm, 64, 8 if bm == 128 else 4, 3
 
 
-def _bwd_config(Dh, T, arch=90):
-    """The same blocks serve the dK/dV kernel (BLOCK_N keys held, BLOCK_M queries streamed) and the dQ kernel.
-    sm_80 keeps k, v, dk, dv of its key block (and the qk-norm epilogue) in registers: 64 x 64 blocks spilled
-    there (8 KB per thread at Dh=72 with qk-norm), so it streams 16 queries past 64 keys, 32 past 32 above 96."""
+def _bwd_config(Dh, T, arch=90, dkdv_norm=False):
+    """Blocks of the dQ kernel, and of the dK/dV kernel (BLOCK_N keys held, BLOCK_M queries streamed): the same
+    unless dkdv_norm (the dK/dV kernel with qk-norm, whose LayerNorm epilogue adds to the held block's registers).
+    sm_80 keeps k, v, dk, dv of its key block in registers: 64 x 64 blocks spilled there (8 KB per thread at
+    Dh=72 with qk-norm), so it streams 16 queries past 64 keys, 32 past 32 above 96. sm_90 with qk-norm above
+    Dh 64 streams 32 queries in dK/dV (64 spilled 8-24 B)."""
     if Dh in BWD_CONFIGS:
         return BWD_CONFIGS[Dh]
     if arch < 90:
         return (16, 64, 8, 2) if _padded_width(Dh) <= 96 else (32, 32, 8, 2)
+    if dkdv_norm and _padded_width(Dh) > 64:
+        return 32, 64, 8, 2
     return 64, 64, 4 if Dh <= 64 else 8, 2
 
 
@@ -566,13 +570,15 @@ def attention_bwd(do, qkv, o, lse, num_heads, qk_norm=None, scale=None, eps=1e-5
                                for _ in range(4))
     with device_guard(qkv):
         sp, d0, d1 = _head_split(Dh) if split is None else (False, max(16, triton.next_power_of_2(Dh)), 16)
-        bm, bn, warps, stages = _bwd_config(Dh, T, _target_arch(qkv.device))
+        arch = _target_arch(qkv.device)
+        bm, bn, warps, stages = _bwd_config(Dh, T, arch)
+        kv_bm, kv_bn, kv_warps, kv_stages = _bwd_config(Dh, T, arch, dkdv_norm=has_norm)
         delta = torch.empty((B, H, T), device=qkv.device, dtype=torch.float32)
         _attention_bwd_preprocess_kernel[(triton.cdiv(T, bm) * B * H,)](
             o, do, delta, do.stride(0), do.stride(1), T, H, C, Dh, BLOCK_M=bm,
             BLOCK_D=max(16, triton.next_power_of_2(Dh)))
         qw, qb, kw, kb = _norm_args(qk_norm, qkv.device)
-        n_kblocks, n_qblocks = triton.cdiv(T, bn), triton.cdiv(T, bm)
+        n_kblocks, n_qblocks = triton.cdiv(T, kv_bn), triton.cdiv(T, bm)
         if has_norm:  # per-program partial sums, reduced below: deterministic, no atomics
             dkw_p = torch.empty((B * H * n_kblocks, Dh), device=qkv.device, dtype=torch.float32)
             dkb_p = torch.empty_like(dkw_p)
@@ -580,14 +586,15 @@ def attention_bwd(do, qkv, o, lse, num_heads, qk_norm=None, scale=None, eps=1e-5
             dqb_p = torch.empty_like(dqw_p)
         else:
             dkw_p = dkb_p = dqw_p = dqb_p = qw
-        common = dict(HAS_QK_NORM=has_norm, **_dot_args(qkv), SPLIT=sp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D0=d0,
-                      BLOCK_D1=d1, num_warps=warps, num_stages=stages)
+        common = dict(HAS_QK_NORM=has_norm, **_dot_args(qkv), SPLIT=sp, BLOCK_D0=d0, BLOCK_D1=d1)
         _attention_bwd_dkdv_kernel[(n_kblocks * B * H,)](
             qkv, do, lse, delta, dqkv, kw, kb, qw, qb, dkw_p, dkb_p, qkv.stride(0), qkv.stride(1),
-            do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common)
+            do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common,
+            BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=kv_warps, num_stages=kv_stages)
         _attention_bwd_dq_kernel[(n_qblocks * B * H,)](
             qkv, do, lse, delta, dqkv, qw, qb, kw, kb, dqw_p, dqb_p, qkv.stride(0), qkv.stride(1),
-            do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common)
+            do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common,
+            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     if not has_norm:
         return (dqkv,) + tuple(qkv.new_empty(0, dtype=torch.float32) for _ in range(4))
     return dqkv, dqw_p.sum(0), dqb_p.sum(0), dkw_p.sum(0), dkb_p.sum(0)
