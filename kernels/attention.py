@@ -472,10 +472,18 @@ def _bwd_config(Dh, T, arch=90, dkdv_norm=False):
     if Dh in BWD_CONFIGS:
         return BWD_CONFIGS[Dh]
     if arch < 90:
+        if dkdv_norm and _dkdv_whole_tile(Dh, arch):
+            return 32, 32, 8, 2
         return (16, 64, 8, 2) if _padded_width(Dh) <= 96 else (32, 32, 8, 2)
     if dkdv_norm and _padded_width(Dh) > 64:
         return 32, 64, 8, 2
     return 64, 64, 4 if Dh <= 64 else 8, 2
+
+
+def _dkdv_whole_tile(Dh, arch):
+    """sm_80's dK/dV kernel with qk-norm holds a 64 + 32 column head (Dh 88, 96) as one 128-column tile: split,
+    it spilled 8 B per thread under triton 3.6 in every block shape tried; whole, it spills none."""
+    return arch < 90 and _padded_width(Dh) == 96
 
 
 def _dot_args(qkv):
@@ -586,15 +594,17 @@ def attention_bwd(do, qkv, o, lse, num_heads, qk_norm=None, scale=None, eps=1e-5
             dqb_p = torch.empty_like(dqw_p)
         else:
             dkw_p = dkb_p = dqw_p = dqb_p = qw
-        common = dict(HAS_QK_NORM=has_norm, **_dot_args(qkv), SPLIT=sp, BLOCK_D0=d0, BLOCK_D1=d1)
+        common = dict(HAS_QK_NORM=has_norm, **_dot_args(qkv))
+        kv_split = (False, 128, 16) if has_norm and split is None and _dkdv_whole_tile(Dh, arch) else (sp, d0, d1)
         _attention_bwd_dkdv_kernel[(n_kblocks * B * H,)](
             qkv, do, lse, delta, dqkv, kw, kb, qw, qb, dkw_p, dkb_p, qkv.stride(0), qkv.stride(1),
             do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common,
+            SPLIT=kv_split[0], BLOCK_D0=kv_split[1], BLOCK_D1=kv_split[2],
             BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=kv_warps, num_stages=kv_stages)
         _attention_bwd_dq_kernel[(n_qblocks * B * H,)](
             qkv, do, lse, delta, dqkv, qw, qb, kw, kb, dqw_p, dqb_p, qkv.stride(0), qkv.stride(1),
             do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common,
-            BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            SPLIT=sp, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     if not has_norm:
         return (dqkv,) + tuple(qkv.new_empty(0, dtype=torch.float32) for _ in range(4))
     return dqkv, dqw_p.sum(0), dqb_p.sum(0), dkw_p.sum(0), dkb_p.sum(0)
