@@ -293,7 +293,8 @@ def ptx_loops(ptx: str, source_file: str):
     back-edge loop, plus the counts of everything outside loops (once per program)."""
     lines = ptx.splitlines()
     files = {m.group(1): m.group(2) for m in map(_FILE.match, lines) if m}
-    ids = {k for k, v in files.items() if os.path.realpath(v) == os.path.realpath(source_file)}
+    # By file name: Triton's cache keys on the source, so cached PTX may name another checkout's path.
+    ids = {k for k, v in files.items() if os.path.basename(v) == os.path.basename(source_file)}
     labels = {m.group(1): i for i, m in enumerate(map(_LABEL.match, lines)) if m}
     loops = []
     for i, ln in enumerate(lines):
