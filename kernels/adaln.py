@@ -143,6 +143,17 @@ def _adaln_bwd_kernel(
         tl.store(pgate_ptr + p_off, acc_gate, mask=cmask)
 
 
+MAX_GPU_WIDTH = 4096  # a row is held whole in registers: at C > 4096 (BLOCK_C 8192) the backward spills
+
+
+def width_problem(C, device_type: str):
+    """Why these kernels refuse a width on a device type (None: they take it); the compile gate found the backward
+    spilling 4-920 B per thread at C = 8192 on sm_80 and sm_90. The CPU interpreter takes any width."""
+    if device_type != "cpu" and C is not None and C > MAX_GPU_WIDTH:
+        return f"holds a row in registers: C={C} is over {MAX_GPU_WIDTH} on a GPU (it would spill)"
+    return None
+
+
 _BWD_PROGRAMS_PER_SM = 2  # the backward's grid keeps at least this many programs per SM (when B*T allows)
 
 

@@ -273,3 +273,31 @@ def test_roofline_loop_counts_follow_the_kernel(tmp_path):
     assert inside["loops"][0]["shfl"] > 0 and inside["loops"][0]["bar"] > 0
     assert after["loops"][0]["shfl"] == 0 and after["loops"][0]["bar"] == 0 and after["rest"]["shfl"] > 0
     assert inside["loops"][0]["ld_bytes"] == after["loops"][0]["ld_bytes"] > 0
+
+
+def test_adaln_wide_rows_refused_on_gpu_with_reason():
+    """adaLN holds a row in registers: over C=4096 its backward spills on both targets (next test), so the
+    registry's why_not refuses such widths on CUDA (auto takes the reference); the CPU interpreter takes any."""
+    import imm_fast.ops.adaln  # noqa: F401  (registers the op)
+
+    def why(device, C):
+        return _backend.reasons("adaln", _backend.op_args(device, torch.bfloat16, C=C))["triton"]
+
+    assert any("C=8192" in w and "spill" in w for w in why("cuda", 8192))
+    assert not any("C=" in w for w in why("cuda", 4096) + why("cpu", 8192))
+
+
+@needs_toolchain
+@pytest.mark.slow
+def test_adaln_spills_only_over_the_width_limit():
+    """The width limit is where the compiled backward starts to spill: none at C=4096, some at C=8192."""
+    out = probe("""
+        spills = {}
+        for C in (4096, 8192):
+            r = P.run_case(P.Case("adaln", "x", lambda: P._adaln_fwd_bwd(8, 256, C, torch.bfloat16, torch.bfloat16,
+                                                                         torch.bfloat16, "residual_adaln")),
+                           P.TARGETS["sm_90"])
+            spills[C] = max(l.compiled.spill_stores for l in r.launches)
+        print(json.dumps(spills))
+    """)
+    assert out["4096"] == 0 and out["8192"] > 0
