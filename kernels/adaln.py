@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import device_guard, sm_count
+
 
 @triton.jit
 def _adaln_fwd_kernel(
@@ -141,15 +143,41 @@ def _adaln_bwd_kernel(
         tl.store(pgate_ptr + p_off, acc_gate, mask=cmask)
 
 
-def _blocks(T, C, backward=False):
-    """(ROWS, BLOCK_T, BLOCK_C, num_warps): tiles of ~2K elements, a few steps per program. The backward keeps
-    three (BLOCK_C,) accumulators and about six live tiles, so it spreads them over more warps. Compiled for sm_90
-    (bf16, C = 768 and 1152; cuobjdump -res-usage): no spills, forward <= 79 registers, backward <= 104."""
+MAX_GPU_WIDTH = 4096  # a row is held whole in registers: at C > 4096 (BLOCK_C 8192) the backward spills
+
+
+def width_problem(C, device_type: str):
+    """Why these kernels refuse a width on a device type (None: they take it); the compile gate found the backward
+    spilling 4-920 B per thread at C = 8192 on sm_80 and sm_90. The CPU interpreter takes any width."""
+    if device_type != "cpu" and C is not None and C > MAX_GPU_WIDTH:
+        return f"holds a row in registers: C={C} is over {MAX_GPU_WIDTH} on a GPU (it would spill)"
+    return None
+
+
+_BWD_PROGRAMS_PER_SM = 2  # the backward's grid keeps at least this many programs per SM (when B*T allows)
+
+
+def _blocks(T, C, backward=False, B=1, sms=132):
+    """(ROWS, BLOCK_T, BLOCK_C, num_warps): tiles of ~2K elements. The backward keeps three (BLOCK_C,)
+    accumulators and about six live tiles, so it spreads them over more warps; the compile gate
+    (tests/test_compile_gate.py) checks both for spills and shared memory on sm_80 and sm_90."""
     BLOCK_C = triton.next_power_of_2(C)
     BLOCK_T = max(1, min(triton.next_power_of_2(T), 2048 // BLOCK_C))
+    if backward:
+        return _bwd_rows(B, T, BLOCK_T, sms), BLOCK_T, BLOCK_C, min(16, max(4, BLOCK_C // 64))
     ROWS = BLOCK_T * max(1, min(4, triton.cdiv(T, BLOCK_T)))
-    num_warps = min(16, max(4, BLOCK_C // 64)) if backward else (8 if BLOCK_C >= 512 else 4)
-    return ROWS, BLOCK_T, BLOCK_C, num_warps
+    return ROWS, BLOCK_T, BLOCK_C, 8 if BLOCK_C >= 512 else 4
+
+
+def _bwd_rows(B, T, BLOCK_T, sms):
+    """Rows per backward program: as many as keep B * cdiv(T, ROWS) >= 2 programs per SM. Each program writes
+    its (C,) partial sums of d shift, d scale and d gate in fp32, which are then read back: 2 * 3 * 4 * C bytes
+    per ROWS rows against the backward's >= 12 * C bytes per row in bf16, so ROWS >= 32 keeps the partials under
+    10% of the floor; the DiT-XL batch (B=256, T=256) on 132 SMs gets ROWS = 128."""
+    rows = BLOCK_T
+    while rows * 2 <= T and B * triton.cdiv(T, rows * 2) >= _BWD_PROGRAMS_PER_SM * sms:
+        rows *= 2
+    return rows
 
 
 def _row_strides(v):
@@ -184,12 +212,13 @@ def adaln_fwd(x, gate, y, shift, scale, eps, has_res, has_norm, xnew_dtype=None,
     rstd = torch.empty((B, T), dtype=torch.float32, device=x.device) if has_norm else None
     ROWS, BLOCK_T, BLOCK_C, num_warps = _blocks(T, C)
     grid = (B, triton.cdiv(T, ROWS))
-    _adaln_fwd_kernel[grid](
-        x, y if has_res else dummy, gate if has_res else dummy, shift if has_norm else dummy,
-        scale if has_norm else dummy, xnew if has_res else dummy, out if has_norm else dummy,
-        mean if has_norm else dummy, rstd if has_norm else dummy,
-        sxb, sxt, syb, syt, sgb, ssb, scb, T, C, eps,
-        HAS_RES=has_res, HAS_NORM=has_norm, ROWS=ROWS, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps)
+    with device_guard(x):  # Triton launches on the current device
+        _adaln_fwd_kernel[grid](
+            x, y if has_res else dummy, gate if has_res else dummy, shift if has_norm else dummy,
+            scale if has_norm else dummy, xnew if has_res else dummy, out if has_norm else dummy,
+            mean if has_norm else dummy, rstd if has_norm else dummy,
+            sxb, sxt, syb, syt, sgb, ssb, scb, T, C, eps,
+            HAS_RES=has_res, HAS_NORM=has_norm, ROWS=ROWS, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=num_warps)
     return tuple(v if v is not None else x.new_empty(0) for v in (xnew, out, mean, rstd))
 
 
@@ -210,7 +239,7 @@ def adaln_bwd(dout, dxnew, xn, y, gate, scale, mean, rstd, has_res, has_norm, x_
         xn = xn.contiguous()
     if dxnew is not None:
         dxnew = dxnew.contiguous()
-    ROWS, BLOCK_T, BLOCK_C, num_warps = _blocks(T, C, backward=True)
+    ROWS, BLOCK_T, BLOCK_C, num_warps = _blocks(T, C, backward=True, B=B, sms=sm_count(dev))
     NT = triton.cdiv(T, ROWS)
     dx = torch.empty((B, T, C), dtype=x_dtype, device=dev)
     dy = torch.empty((B, T, C), dtype=y.dtype, device=dev) if has_res else None
@@ -218,14 +247,16 @@ def adaln_bwd(dout, dxnew, xn, y, gate, scale, mean, rstd, has_res, has_norm, x_
     pshift = torch.empty((B, NT, C), **f32) if has_norm else None
     pscale = torch.empty((B, NT, C), **f32) if has_norm else None
     pgate = torch.empty((B, NT, C), **f32) if has_res else None
-    _adaln_bwd_kernel[(B, NT)](
-        dout if has_norm else dummy, dxnew if dxnew is not None else dummy, xn if has_norm else dummy,
-        y if has_res else dummy, gate if has_res else dummy, scale if has_norm else dummy,
-        mean if has_norm else dummy, rstd if has_norm else dummy, dx, dy if has_res else dummy,
-        pshift if has_norm else dummy, pscale if has_norm else dummy, pgate if has_res else dummy,
-        syb, syt, sgb, scb, T, C, NT,
-        HAS_RES=has_res, HAS_NORM=has_norm, HAS_DXNEW=dxnew is not None, ROWS=ROWS, BLOCK_T=BLOCK_T,
-        BLOCK_C=BLOCK_C, num_warps=num_warps)
+    with device_guard(ref):
+        _adaln_bwd_kernel[(B, NT)](
+            dout if has_norm else dummy, dxnew if dxnew is not None else dummy, xn if has_norm else dummy,
+            y if has_res else dummy, gate if has_res else dummy, scale if has_norm else dummy,
+            mean if has_norm else dummy, rstd if has_norm else dummy, dx, dy if has_res else dummy,
+            pshift if has_norm else dummy, pscale if has_norm else dummy, pgate if has_res else dummy,
+            syb, syt, sgb, scb, T, C, NT,
+            HAS_RES=has_res, HAS_NORM=has_norm, HAS_DXNEW=dxnew is not None, ROWS=ROWS, BLOCK_T=BLOCK_T,
+            BLOCK_C=BLOCK_C, num_warps=num_warps)
+
     def red(p):  # the per-program partials, summed in a fixed order
         return dx.new_empty(0) if p is None else p.sum(dim=1)
 

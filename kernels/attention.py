@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .._backend import KERNEL_DTYPES  # the dtypes the registry declares for these kernels
+from ._launch import device_guard
 
 LOG2E = 1.4426950408889634  # log2(e): scores go to the log2 domain (exp2), launchers fold it into qk_scale
 _LOG2E = tl.constexpr(LOG2E)  # the same, usable inside kernels
@@ -430,24 +431,59 @@ def _head_split(Dh):
     return False, whole, 16  # BLOCK_D1 unused
 
 
-# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by head dim. Not tuned on a GPU yet
-# (device numbers pending): `python benchmarks/bench_attention.py --tune` sweeps them and prints entries for these.
+# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages), keyed by head dim: overrides for tuning
+# (`python benchmarks/bench_attention.py --tune` sweeps them and prints entries for these). Not tuned on a GPU
+# yet; the defaults below are the ones the compile gate (tests/test_compile_gate.py) finds spill-free and within
+# shared memory on each target.
 FWD_CONFIGS = {}
 BWD_CONFIGS = {}
 
 
-def _fwd_config(Dh, T):
+def _target_arch(device) -> int:
+    """The compute capability (80, 90, ...) Triton compiles this launch for: the current device's, which the
+    launchers' device guard makes the tensors' device. The CPU interpreter takes the sm_90 configs."""
+    if device.type == "cpu":
+        return 90
+    from triton.runtime import driver
+
+    return driver.active.get_current_target().arch
+
+
+def _padded_width(Dh):
+    sp, d0, d1 = _head_split(Dh)
+    return d0 + (d1 if sp else 0)
+
+
+def _fwd_config(Dh, T, arch=90):
     if Dh in FWD_CONFIGS:
         return FWD_CONFIGS[Dh]
+    if arch < 90:  # no wgmma on sm_80: mma.sync accumulators live in registers, so 8 warps share them
+        return 64, 32 if _padded_width(Dh) == 96 else 64, 8, 2
     bm = 128 if Dh <= 64 and T > 64 else 64
     return bm, 64, 8 if bm == 128 else 4, 3
 
 
-def _bwd_config(Dh, T):
-    """The same blocks serve the dK/dV kernel (BLOCK_N keys held, BLOCK_M queries streamed) and the dQ kernel."""
+def _bwd_config(Dh, T, arch=90, dkdv_norm=False):
+    """Blocks of the dQ kernel, and of the dK/dV kernel (BLOCK_N keys held, BLOCK_M queries streamed): the same
+    unless dkdv_norm (the dK/dV kernel with qk-norm, whose LayerNorm epilogue adds to the held block's registers).
+    sm_80 keeps k, v, dk, dv of its key block in registers: 64 x 64 blocks spilled there (8 KB per thread at
+    Dh=72 with qk-norm), so it streams 16 queries past 64 keys, 32 past 32 above 96. sm_90 with qk-norm above
+    Dh 64 streams 32 queries in dK/dV (64 spilled 8-24 B)."""
     if Dh in BWD_CONFIGS:
         return BWD_CONFIGS[Dh]
+    if arch < 90:
+        if dkdv_norm and _dkdv_whole_tile(Dh, arch):
+            return 32, 32, 8, 2
+        return (16, 64, 8, 2) if _padded_width(Dh) <= 96 else (32, 32, 8, 2)
+    if dkdv_norm and _padded_width(Dh) > 64:
+        return 32, 64, 8, 2
     return 64, 64, 4 if Dh <= 64 else 8, 2
+
+
+def _dkdv_whole_tile(Dh, arch):
+    """sm_80's dK/dV kernel with qk-norm holds a 64 + 32 column head (Dh 88, 96) as one 128-column tile: split,
+    it spilled 8 B per thread under triton 3.6 in every block shape tried; whole, it spills none."""
+    return arch < 90 and _padded_width(Dh) == 96
 
 
 def _dot_args(qkv):
@@ -463,6 +499,16 @@ def head_dim_problem(Dh: int):
     return None
 
 
+def dtype_problem(dtype, device_type: str):
+    """Why these kernels refuse a dtype on a device type (None: they take it). fp32 on a GPU: an fp32 tl.dot is
+    FMA-only, so its tiles live in registers: every fp32 kernel spilled 13-41 KB per thread on sm_80 and sm_90
+    and Dh 104-128 needed 180,480 B of shared memory (sm_80 allows 166,912 B). The CPU interpreter (tests) takes
+    fp32; on a GPU the torch backend (SDPA) runs fp32."""
+    if dtype == torch.float32 and device_type != "cpu":
+        return "fp32 attention is not compiled for GPUs (it spills registers); use backend='torch' (SDPA) for fp32"
+    return None
+
+
 def _check(qkv, num_heads):
     if qkv.dim() != 3:
         raise ValueError(f"qkv must be (B, T, 3*C), got shape {tuple(qkv.shape)}")
@@ -475,6 +521,9 @@ def _check(qkv, num_heads):
         raise ValueError(f"the triton attention {why}")
     if qkv.dtype not in KERNEL_DTYPES:
         raise TypeError(f"qkv must be one of {KERNEL_DTYPES}, got {qkv.dtype}")
+    why = dtype_problem(qkv.dtype, qkv.device.type)
+    if why:
+        raise ValueError(f"the triton attention got qkv of dtype {qkv.dtype} on {qkv.device}: {why}")
     return B, T, C3 // 3, Dh
 
 
@@ -499,13 +548,14 @@ def attention_fwd(qkv, num_heads, qk_norm=None, scale=None, eps=1e-5, split=None
     lse = torch.empty((B, H, T), device=qkv.device, dtype=torch.float32)
     if B * T == 0:
         return o, lse
-    qw, qb, kw, kb = _norm_args(qk_norm, qkv.device)
-    sp, d0, d1 = _head_split(Dh) if split is None else (False, max(16, triton.next_power_of_2(Dh)), 16)
-    bm, bn, warps, stages = _fwd_config(Dh, T)
-    _attention_fwd_kernel[(triton.cdiv(T, bm) * B * H,)](
-        qkv, o, lse, qw, qb, kw, kb, qkv.stride(0), qkv.stride(1), T, H, C, Dh, scale * LOG2E, eps,
-        HAS_QK_NORM=qk_norm is not None, **_dot_args(qkv), SPLIT=sp,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D0=d0, BLOCK_D1=d1, num_warps=warps, num_stages=stages)
+    with device_guard(qkv):  # Triton launches on the current device
+        qw, qb, kw, kb = _norm_args(qk_norm, qkv.device)
+        sp, d0, d1 = _head_split(Dh) if split is None else (False, max(16, triton.next_power_of_2(Dh)), 16)
+        bm, bn, warps, stages = _fwd_config(Dh, T, _target_arch(qkv.device))
+        _attention_fwd_kernel[(triton.cdiv(T, bm) * B * H,)](
+            qkv, o, lse, qw, qb, kw, kb, qkv.stride(0), qkv.stride(1), T, H, C, Dh, scale * LOG2E, eps,
+            HAS_QK_NORM=qk_norm is not None, **_dot_args(qkv), SPLIT=sp,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D0=d0, BLOCK_D1=d1, num_warps=warps, num_stages=stages)
     return o, lse
 
 
@@ -526,29 +576,35 @@ def attention_bwd(do, qkv, o, lse, num_heads, qk_norm=None, scale=None, eps=1e-5
         dqkv.zero_()
         return (dqkv,) + tuple(torch.zeros(Dh if has_norm else 0, device=qkv.device, dtype=torch.float32)
                                for _ in range(4))
-    sp, d0, d1 = _head_split(Dh) if split is None else (False, max(16, triton.next_power_of_2(Dh)), 16)
-    bm, bn, warps, stages = _bwd_config(Dh, T)
-    delta = torch.empty((B, H, T), device=qkv.device, dtype=torch.float32)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(T, bm) * B * H,)](
-        o, do, delta, do.stride(0), do.stride(1), T, H, C, Dh, BLOCK_M=bm,
-        BLOCK_D=max(16, triton.next_power_of_2(Dh)))
-    qw, qb, kw, kb = _norm_args(qk_norm, qkv.device)
-    n_kblocks, n_qblocks = triton.cdiv(T, bn), triton.cdiv(T, bm)
-    if has_norm:  # per-program partial sums, reduced below: deterministic, no atomics
-        dkw_p = torch.empty((B * H * n_kblocks, Dh), device=qkv.device, dtype=torch.float32)
-        dkb_p = torch.empty_like(dkw_p)
-        dqw_p = torch.empty((B * H * n_qblocks, Dh), device=qkv.device, dtype=torch.float32)
-        dqb_p = torch.empty_like(dqw_p)
-    else:
-        dkw_p = dkb_p = dqw_p = dqb_p = qw
-    common = dict(HAS_QK_NORM=has_norm, **_dot_args(qkv), SPLIT=sp, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D0=d0,
-                  BLOCK_D1=d1, num_warps=warps, num_stages=stages)
-    _attention_bwd_dkdv_kernel[(n_kblocks * B * H,)](
-        qkv, do, lse, delta, dqkv, kw, kb, qw, qb, dkw_p, dkb_p, qkv.stride(0), qkv.stride(1),
-        do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common)
-    _attention_bwd_dq_kernel[(n_qblocks * B * H,)](
-        qkv, do, lse, delta, dqkv, qw, qb, kw, kb, dqw_p, dqb_p, qkv.stride(0), qkv.stride(1),
-        do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common)
+    with device_guard(qkv):
+        sp, d0, d1 = _head_split(Dh) if split is None else (False, max(16, triton.next_power_of_2(Dh)), 16)
+        arch = _target_arch(qkv.device)
+        bm, bn, warps, stages = _bwd_config(Dh, T, arch)
+        kv_bm, kv_bn, kv_warps, kv_stages = _bwd_config(Dh, T, arch, dkdv_norm=has_norm)
+        delta = torch.empty((B, H, T), device=qkv.device, dtype=torch.float32)
+        _attention_bwd_preprocess_kernel[(triton.cdiv(T, bm) * B * H,)](
+            o, do, delta, do.stride(0), do.stride(1), T, H, C, Dh, BLOCK_M=bm,
+            BLOCK_D=max(16, triton.next_power_of_2(Dh)))
+        qw, qb, kw, kb = _norm_args(qk_norm, qkv.device)
+        n_kblocks, n_qblocks = triton.cdiv(T, kv_bn), triton.cdiv(T, bm)
+        if has_norm:  # per-program partial sums, reduced below: deterministic, no atomics
+            dkw_p = torch.empty((B * H * n_kblocks, Dh), device=qkv.device, dtype=torch.float32)
+            dkb_p = torch.empty_like(dkw_p)
+            dqw_p = torch.empty((B * H * n_qblocks, Dh), device=qkv.device, dtype=torch.float32)
+            dqb_p = torch.empty_like(dqw_p)
+        else:
+            dkw_p = dkb_p = dqw_p = dqb_p = qw
+        common = dict(HAS_QK_NORM=has_norm, **_dot_args(qkv))
+        kv_split = (False, 128, 16) if has_norm and split is None and _dkdv_whole_tile(Dh, arch) else (sp, d0, d1)
+        _attention_bwd_dkdv_kernel[(n_kblocks * B * H,)](
+            qkv, do, lse, delta, dqkv, kw, kb, qw, qb, dkw_p, dkb_p, qkv.stride(0), qkv.stride(1),
+            do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common,
+            SPLIT=kv_split[0], BLOCK_D0=kv_split[1], BLOCK_D1=kv_split[2],
+            BLOCK_M=kv_bm, BLOCK_N=kv_bn, num_warps=kv_warps, num_stages=kv_stages)
+        _attention_bwd_dq_kernel[(n_qblocks * B * H,)](
+            qkv, do, lse, delta, dqkv, qw, qb, kw, kb, dqw_p, dqb_p, qkv.stride(0), qkv.stride(1),
+            do.stride(0), do.stride(1), T, H, C, Dh, scale, scale * LOG2E, eps, **common,
+            SPLIT=sp, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     if not has_norm:
         return (dqkv,) + tuple(qkv.new_empty(0, dtype=torch.float32) for _ in range(4))
     return dqkv, dqw_p.sum(0), dqb_p.sum(0), dkw_p.sum(0), dkb_p.sum(0)

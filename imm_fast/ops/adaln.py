@@ -165,8 +165,18 @@ def _triton_launchers(device_type):
     return adaln_fwd, adaln_bwd
 
 
+def _triton_limits(args):
+    if args.device == "cpu" or not _backend.has_triton():
+        return []  # the interpreter takes any width; without triton `ready` says so
+    from ..kernels.adaln import width_problem
+
+    why = width_problem(args.get("C"), args.device)
+    return [why] if why else []
+
+
 _backend.register("adaln", _backend.Impl("triton", devices=("cuda", "cpu"), dtypes=_backend.KERNEL_DTYPES,
-                                         ready=_backend.triton_ready, auto_skip=_backend.interpreter_not_auto,
+                                         ready=_backend.triton_ready, limits=_triton_limits,
+                                         auto_skip=_backend.interpreter_not_auto,
                                          launcher=_triton_launchers))
 
 
@@ -175,7 +185,7 @@ def _pick(backend, x, *vecs) -> str:
     dtype = x.dtype
     for v in vecs:
         dtype = torch.promote_types(dtype, v.dtype)
-    return _backend.select("adaln", backend, x.device.type, dtype)
+    return _backend.select("adaln", backend, x.device.type, dtype, C=x.shape[-1])
 
 
 def adaln_modulate(x, shift, scale, eps=1e-6, backend=None):

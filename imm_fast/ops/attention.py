@@ -136,10 +136,9 @@ def _check_args(qkv, num_heads, qk_norm, scale, qk_norm_eps):
 def _triton_limits(args):
     if not _backend.has_triton():
         return []  # `ready` says so
-    from ..kernels.attention import head_dim_problem
+    from ..kernels.attention import dtype_problem, head_dim_problem
 
-    why = head_dim_problem(args.get("Dh"))
-    return [why] if why else []
+    return [w for w in (head_dim_problem(args.get("Dh")), dtype_problem(args.dtype, args.device)) if w]
 
 
 def _triton_auto_skip(args):
