@@ -46,6 +46,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from ._launch import device_guard
+
 _MAX_MP_PAIRS = 8      # groups of up to this many particles use the pair-level kernel
 _PAIR_REGS = 128       # per-thread fp32 pair accumulators aimed at (pairs x columns per thread); more spills
 _ROWS_REGS = 32        # the same for the rows kernel (its pass 2 also holds a (BM, 2MP) W); 64 spilled at MP = 16
@@ -482,17 +484,10 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     meta = dict(RBF=bool(rbf), LIBDEVICE=x2d.device.type != "cpu", NEED_GX=bool(need_gx), NEED_GY=bool(need_gy),
                 MP=p["MP"], BLOCK_D=p["BLOCK_D"], VEC=p["VEC"], num_warps=p["num_warps"],
                 N_D=triton.cdiv(D, p["BLOCK_D"]) if interpret else 0)
-    with _device_guard(x2d.device):
+    with device_guard(x2d):  # launch on the tensors' device, not whichever CUDA device is current
         if p["kernel"] == "pairs":
             _mmd_fwd_kernel[grid](*args, **meta)
         else:
             _mmd_rows_kernel[grid](*args, BM=p["BM"], **meta)
     mmd2 = out if nb == 1 else out.view(G, nb).sum(dim=1)  # (G,): a fresh tensor, not a view
     return mmd2, gx, gy
-
-
-def _device_guard(device: torch.device):
-    """Launch on the tensors' device, not whichever CUDA device is current."""
-    import contextlib
-
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -118,7 +118,7 @@ def test_fp32_attention_refused_on_gpu_with_reason():
 @needs_toolchain
 @pytest.mark.slow
 def test_every_launch_runs_under_its_tensors_device():
-    """Tensors on cuda:1 (fake tensors: no GPU needed): each Triton launch of attention and adaLN happens inside
+    """Tensors on cuda:1 (fake tensors: no GPU needed): each Triton launch of attention, adaLN and MMD happens inside
     torch.cuda.device(1), so Triton launches on the tensors' device and not on whatever device is current."""
     out = probe("""
         import contextlib, types
@@ -150,12 +150,15 @@ def test_every_launch_runs_under_its_tensors_device():
             v = torch.empty(2, 128, device="cuda:1", dtype=torch.bfloat16)
             xnew, out, mean, rstd = adaln_fwd(x, v, x, v, v, 1e-6, True, True)
             adaln_bwd(out, xnew, xnew, x, v, v, mean, rstd, True, True, x.dtype)
+            from imm_fast.kernels.mmd import mmd_fwd
+            xm = torch.empty(16, 256, device="cuda:1", dtype=torch.float32)
+            mmd_fwd(xm, torch.empty_like(xm), 4, torch.empty(4, device="cuda:1"), 1e-8, False, True, True, False)
             JITFunction.run = inner
         print(json.dumps(seen))
     """)
     names = {n for n, _ in out}
     assert {"_attention_fwd_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
-            "_attention_bwd_preprocess_kernel", "_adaln_fwd_kernel", "_adaln_bwd_kernel"} <= names
+            "_attention_bwd_preprocess_kernel", "_adaln_fwd_kernel", "_adaln_bwd_kernel", "_mmd_fwd_kernel"} <= names
     assert all(dev == 1 for _, dev in out), out
 
 
