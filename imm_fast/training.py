@@ -73,6 +73,83 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Preemption: SIGTERM / SIGINT stop with a verified checkpoint and the resume command; SIGUSR1 saves one
+# ----------------------------------------------------------------------------------------------------------------
+_SIGNAL_NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT", signal.SIGUSR1: "SIGUSR1"}
+_SAVE, _STOP = 1, 2  # what a signal asks for: save and carry on, save and stop (ordered: the larger wins)
+
+
+class Preempted(SystemExit):
+    """Training stopped by a signal. `code` is the conventional exit status 128 + signal number (143 for SIGTERM,
+    130 for SIGINT), so an uncaught Preempted ends the process as the signal would have, without a traceback;
+    `checkpoint` is the verified checkpoint of the last applied step (None when nothing was trained yet)."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Optional[Path], message: str):
+        super().__init__(128 + signum)
+        self.signum, self.step, self.checkpoint, self.message = signum, step, checkpoint, message
+
+    def __str__(self):
+        return self.message
+
+
+class _Interrupted(Exception):
+    """Raised by the signal handler inside a phase that may be abandoned (setup, sample grids, evaluation)."""
+
+
+class _Signals:
+    """SIGTERM, SIGINT and SIGUSR1 while train() runs. The handler only records what was asked (a flag: the step
+    being computed and a checkpoint being written are never cut in half, and a second signal changes nothing but
+    the flag), except inside `abandonable()` phases, where a stop raises _Interrupted at once."""
+
+    def __init__(self, usr1: str):
+        self.usr1 = usr1             # "save" (carry on) or "exit"
+        self.request = 0             # 0, _SAVE or _STOP
+        self.signum = None           # the signal behind the request
+        self.abandon = False         # inside an abandonable phase: a stop raises at once
+        self.saving = False          # a preemption checkpoint is being written
+        self._old = {}
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signal.signal works in the main thread only; elsewhere the defaults stay
+        for s in _SIGNAL_NAMES:
+            self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        want = _SAVE if signum == signal.SIGUSR1 and self.usr1 == "save" else _STOP
+        if self.saving or self.request == _STOP:  # os.write: print() may be mid-write in the interrupted frame
+            os.write(2, f"imm_fast: {_SIGNAL_NAMES[signum]} received while already stopping: the step and its "
+                        "checkpoint are being finished (kill -9 abandons them; the previous checkpoint stays "
+                        "intact)\n".encode())
+        if want > self.request:
+            self.request, self.signum = want, signum
+        if self.abandon and self.request == _STOP and not self.saving:
+            raise _Interrupted()
+
+    @contextlib.contextmanager
+    def abandonable(self, enabled: bool = True):
+        """A phase whose work may be dropped on a stop (nothing in it is half-written by a raise)."""
+        prev, self.abandon = self.abandon, enabled
+        try:
+            if enabled and self.request == _STOP:
+                raise _Interrupted()
+            yield
+        finally:
+            self.abandon = prev
+
+
+def _resume_command(run_dir: Path, world: int) -> str:
+    launcher = f"torchrun --nproc_per_node {world} -m imm_fast" if world > 1 else "python -m imm_fast"
+    return f"{launcher} train resume={shlex.quote(str(Path(run_dir).absolute()))}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training state (its files: imm_fast.checkpoints)
 # ----------------------------------------------------------------------------------------------------------------
 def _rng_state():
