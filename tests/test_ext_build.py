@@ -175,6 +175,15 @@ _LOAD_PROBE = textwrap.dedent("""
 """)
 
 
+def _replace_contents(path, data: bytes):
+    """The cached file now holds `data` (a new inode renamed over it): this process has the library mapped, and
+    writing into the mapped file itself would crash it (SIGBUS / SIGSEGV) at exit."""
+    tmp = f"{path}.corrupt"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
 def test_truncated_library_is_rebuilt_not_loaded(tmp_path):
     """dlopen of a truncated cached library kills the process (SIGBUS, no message): the next process sees that
     its size is not the recorded one, warns in one line, rebuilds and runs (exit 0)."""
@@ -182,8 +191,7 @@ def test_truncated_library_is_rebuilt_not_loaded(tmp_path):
     lib, _ = _ext.build_library(name, _spec(src), root=root)
     rec = json.load(open(os.path.join(os.path.dirname(lib), _ext.RECORD)))
     assert rec["size"] == os.path.getsize(lib) and _ext.library_problem(lib) is None
-    with open(lib, "r+b") as f:
-        f.truncate(rec["size"] // 2)
+    _replace_contents(lib, open(lib, "rb").read()[:rec["size"] // 2])
     assert "were recorded" in _ext.library_problem(lib)
     code = _LOAD_PROBE.format(tests=os.path.dirname(os.path.abspath(__file__)), name=name, src=src, root=root)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -198,9 +206,7 @@ def test_truncated_library_is_rebuilt_not_loaded(tmp_path):
 def test_same_size_garbage_or_a_missing_record_is_rebuilt(tmp_path):
     root, src, name = str(tmp_path / "cache"), str(tmp_path / "src"), "probe_garbage"
     lib, _ = _ext.build_library(name, _spec(src), root=root)
-    size = os.path.getsize(lib)
-    with open(lib, "wb") as f:
-        f.write(b"\0" * size)
+    _replace_contents(lib, b"\0" * os.path.getsize(lib))
     assert "sha256 differs" in _ext.library_problem(lib)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
