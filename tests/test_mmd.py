@@ -529,6 +529,7 @@ NONFINITE = [("x", 1, 2, float("inf")), ("x", 0, 0, -float("inf")), ("y", 3, 4, 
              ("x", 2, 1, float("nan")), ("both", 1, 3, float("inf"))]
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, inside Triton's interpreter
 @pytest.mark.parametrize("kernel", ["laplace", "rbf"])
 @pytest.mark.parametrize("where,row,col,value", NONFINITE, ids=[f"{w}{r}-{c}-{v}" for w, r, c, v in NONFINITE])
 def test_nonfinite_input_same_on_every_backend(kernel, where, row, col, value):
