@@ -142,8 +142,9 @@ class ModelConfig(metaclass=_Dispatch):
         """Rules between this backbone's fields (types, ranges and choices are the fields' own specs)."""
 
     def backbone_kwargs(self) -> dict:
-        """The network's constructor keywords beyond the IMM wrapper's (the authors' names)."""
-        raise NotImplementedError
+        """The network's constructor keywords beyond the IMM wrapper's (the authors' names). Every backbone defines
+        it: the base class cannot know them."""
+        raise TypeError(f"{type(self).__name__} must define backbone_kwargs() (its network's constructor keywords)")
 
     @classmethod
     def network_kwargs(cls, img_resolution, img_channels, label_dim, model_kwargs) -> dict:
