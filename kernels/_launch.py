@@ -18,6 +18,16 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device)
 
 
+def target_arch(device) -> int:
+    """The compute capability (80, 90, ...) Triton compiles this launch for: the current device's, which the
+    launchers' device guard makes the tensors' device. The CPU interpreter takes the sm_90 configs."""
+    if device.type == "cpu":
+        return 90
+    from triton.runtime import driver
+
+    return driver.active.get_current_target().arch
+
+
 def sm_count(device: torch.device, default: int = 132) -> int:
     """Streaming multiprocessors of a CUDA device; `default` (an H100 SXM's 132) for CPU and meta tensors."""
     if device.type != "cuda":

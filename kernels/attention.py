@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .._backend import KERNEL_DTYPES  # the dtypes the registry declares for these kernels
 from ._launch import device_guard
+from ._launch import target_arch as _target_arch
 
 LOG2E = 1.4426950408889634  # log2(e): scores go to the log2 domain (exp2), launchers fold it into qk_scale
 _LOG2E = tl.constexpr(LOG2E)  # the same, usable inside kernels
@@ -437,16 +438,6 @@ def _head_split(Dh):
 # shared memory on each target.
 FWD_CONFIGS = {}
 BWD_CONFIGS = {}
-
-
-def _target_arch(device) -> int:
-    """The compute capability (80, 90, ...) Triton compiles this launch for: the current device's, which the
-    launchers' device guard makes the tensors' device. The CPU interpreter takes the sm_90 configs."""
-    if device.type == "cpu":
-        return 90
-    from triton.runtime import driver
-
-    return driver.active.get_current_target().arch
 
 
 def _padded_width(Dh):

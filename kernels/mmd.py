@@ -46,12 +46,13 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ._launch import device_guard
+from ._launch import device_guard, target_arch
 
 _MAX_MP_PAIRS = 8      # groups of up to this many particles use the pair-level kernel
 _PAIR_REGS = 128       # per-thread fp32 pair accumulators aimed at (pairs x columns per thread); more spills
 _ROWS_REGS = 32        # the same for the rows kernel (its pass 2 also holds a (BM, 2MP) W); 64 spilled at MP = 16
 _WARPS = 8
+_OLD_TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)  # register allocation differs
 _L2_SHARE = 0.5        # of the L2 the groups in flight may fill (the gradient rows written also pass through it)
 _PROGRAMS_PER_SM = 8   # at most; fewer when the groups in flight would not fit in L2
 # Used when the device cannot be asked (meta tensors for the compile gate, the CPU interpreter): an H100 SXM.
@@ -409,9 +410,9 @@ def _block_rows(x_ptr, y_ptr, row0, blk0, is_x, stride_x, stride_y, M, offs_d, D
 # ----------------------------------------------------------------------------------------------------------------
 # Launcher
 
-def plan(M: int, D: int, itemsize: int):
-    """Launch shape for group size M, row length D and input element size: a dict with the kernel ("pairs" or
-    "rows"), MP, BM (rows kernel), VEC, BLOCK_D and num_warps."""
+def plan(M: int, D: int, itemsize: int, arch: int = 90):
+    """Launch shape for group size M, row length D, input element size and compile target: a dict with the kernel
+    ("pairs" or "rows"), MP, BM (rows kernel), VEC, BLOCK_D and num_warps."""
     MP = triton.next_power_of_2(M)
     vec_max = 16 // itemsize  # one 16-byte load per row and thread
     if MP <= _MAX_MP_PAIRS:
@@ -420,7 +421,10 @@ def plan(M: int, D: int, itemsize: int):
     else:
         BM = max(1, _ROWS_REGS // (2 * MP))
         pairs, kernel = BM * 2 * MP, "rows"
-    cols = max(1, min(vec_max, (_PAIR_REGS if kernel == "pairs" else _ROWS_REGS) // pairs))
+    # Compiled for sm_80 at M = 4, triton 3.6 spills 4-8 B per thread with 4 columns and none with 2, while triton
+    # 3.9 spills 24-28 B with 2 (it caps them at 128 registers) and none with 4: half the budget on 3.6's sm_80 only.
+    budget = (_PAIR_REGS if kernel == "pairs" else _ROWS_REGS) // (2 if arch < 90 and _OLD_TRITON else 1)
+    cols = max(1, min(vec_max, budget // pairs))
     cols = 1 << (cols.bit_length() - 1)  # a power of two
     # Small D: fewer warps rather than idle lanes (each row still spans the warps' lanes once).
     warps = max(1, min(_WARPS, triton.next_power_of_2(triton.cdiv(D, 32 * cols))))
@@ -468,7 +472,7 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
         raise ValueError(f"group_size={group_size} must be a positive divisor of B={B}")
     G = B // M
     scale = scale.reshape(G).to(device=x2d.device, dtype=torch.float32).contiguous()
-    p = plan(M, D, max(x2d.element_size(), y2d.element_size()))
+    p = plan(M, D, max(x2d.element_size(), y2d.element_size()), target_arch(x2d.device))
     gx = torch.empty((B, D), device=x2d.device, dtype=x2d.dtype) if need_gx else x2d.new_empty(0)
     gy = torch.empty((B, D), device=y2d.device, dtype=y2d.dtype) if need_gy else y2d.new_empty(0)
     nb = 1 if p["kernel"] == "pairs" else 2 * p["MP"] // p["BM"]
