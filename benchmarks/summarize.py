@@ -140,16 +140,21 @@ def jsonl_main(path):
                 "extra_info": r.get("extra_info") or {}} for r in recs if r.get("kind") == "test" and "group" in r]
     for b in benches:  # provider from the case's parameters ("...[shape-provider-mode]") or its extra_info
         b["params"]["provider"] = b["extra_info"].get("provider", provider_of(b))
+    print_benches(benches, lead="\n")
+    if torn:
+        print(f"\n({torn} line(s) of {path} were cut off by a kill and are left out)")
+
+
+def print_benches(benches, lead=""):
+    """The throughput table of the non-ratio cases, then the ratio table."""
     if any(not is_ratio(b) for b in benches):
-        print("\n| group | provider | median (us) | x reference | extra |")
+        print(f"{lead}| group | provider | median (us) | x reference | extra |")
         print("|---|---|---:|---:|---|")
         for group, prov, med_us, speedup, extra in rows(benches):
             print(f"| {group} | {prov} | {med_us:.1f} | {speedup:.2f} | {extra} |")
     rs = list(ratio_rows(benches))
     if rs:
         print_ratios(rs)
-    if torn:
-        print(f"\n({torn} line(s) of {path} were cut off by a kill and are left out)")
 
 
 def main(paths):
@@ -164,14 +169,7 @@ def main(paths):
             print_ratios(list(baseline_rows(data)), data.get("machine"))
             continue
         benches += data.get("benchmarks", [])
-    if any(not is_ratio(b) for b in benches):
-        print("| group | provider | median (us) | x reference | extra |")
-        print("|---|---|---:|---:|---|")
-        for group, prov, med_us, speedup, extra in rows(benches):
-            print(f"| {group} | {prov} | {med_us:.1f} | {speedup:.2f} | {extra} |")
-    rs = list(ratio_rows(benches))
-    if rs:
-        print_ratios(rs)
+    print_benches(benches)
 
 
 if __name__ == "__main__":

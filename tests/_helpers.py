@@ -16,6 +16,14 @@ def random_model(std=0.1, **kw):
     return m.eval()
 
 
+# A tiny DiT training run for fault tests: 1 thread (a tiny model on a shared CPU is many times faster without
+# thread contention), a checkpoint every 2 steps, nothing slow at the end.
+FAST_TRAIN = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "batch_size": 16, "lr": 1e-3,
+              "loss.backend": "torch", "sample.num_images": 4, "sample.steps": [1], "progress": False,
+              "final_eval": False, "log_every": 1, "sample_every": 0, "ckpt_every": 2, "device": "cpu",
+              "threads": 1}
+
+
 class NaNFirstGroup(torch.nn.Module):
     """Wraps an IMM model so that the first group (rows 0-1) of its output is NaN: in every pass, or with
     target_only only in the no-grad target pass (the one imm_loss runs with force_fp32=True)."""

@@ -17,3 +17,11 @@ def _seed():
     """Fresh but reproducible random inputs per test."""
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Tests that train with threads=N leave torch's thread count as they found it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

@@ -24,21 +24,11 @@ from imm_fast.checkpoints import (CheckpointWriteError, RunLock, find_checkpoint
 from imm_fast.checkpoints import training_state
 from imm_fast.errors import CheckpointError, UnsafeCheckpointError, UserError
 
-from _helpers import random_model
+from _helpers import FAST_TRAIN as FAST, random_model
 from _official_format import install_fake_modules
 
 PKG = Path(imm_fast.__file__).parent
 TINY = dict(img_resolution=8, img_channels=1, label_dim=0, patch_size=2, hidden_size=32, depth=1, num_heads=2)
-FAST = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "batch_size": 16, "lr": 1e-3,
-        "loss.backend": "torch", "sample.num_images": 4, "sample.steps": [1], "progress": False,
-        "final_eval": False, "log_every": 1, "sample_every": 0, "ckpt_every": 2, "device": "cpu", "threads": 1}
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _run_with(tmp_path, steps=(10, 20), name="run"):

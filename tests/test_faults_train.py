@@ -28,19 +28,7 @@ from imm_fast.checkpoints import (NonFiniteError, RunFolderBusyError, RunLock, s
 from imm_fast.config import LossConfig, TrainConfig  # noqa: E402
 from imm_fast.loss import imm_loss  # noqa: E402
 
-from _helpers import NaNFirstGroup, random_model  # noqa: E402
-
-FAST = {"model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "batch_size": 16, "lr": 1e-3,
-        "loss.backend": "torch", "sample.num_images": 4, "sample.steps": [1], "progress": False,
-        "final_eval": False, "log_every": 1, "sample_every": 0, "ckpt_every": 2, "device": "cpu", "threads": 1}
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """threads=1 (a tiny model on a shared CPU is many times faster without thread contention), then put back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
+from _helpers import FAST_TRAIN as FAST, NaNFirstGroup, random_model  # noqa: E402
 
 
 def _records(run_dir: Path):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .._fields import _validate, check_fields, excerpt, spec
-from ..errors import ConfigError, ConfigTypeError
+from ..errors import CheckpointError, ConfigError, ConfigTypeError
 from ..schedule import F_TYPES, NOISE_SCHEDULES
 
 PRECISIONS = (None, "bf16", "fp16")               # autocast dtypes (models/imm.py): ModelConfig.mixed_precision
@@ -164,7 +164,8 @@ class ModelConfig(metaclass=_Dispatch):
     @classmethod
     def infer(cls, state_dict, num_heads=None, source="the state dict") -> dict:
         """IMM(**...) keywords of the architecture stored in `state_dict` (shapes and names only)."""
-        raise NotImplementedError(f"{cls.name} cannot be inferred from a state dict; store its init_kwargs")
+        raise CheckpointError(f"{source}: a {cls.name} cannot be read from a bare state dict; save it with its "
+                              "init_kwargs (imm_fast.checkpoints.save_model)")
 
     @classmethod
     def min_params(cls, kw: dict) -> Optional[int]:
