@@ -4,7 +4,8 @@
 #   versions; install (stop on failure); CUDA tests (one timeout per file, no -x); headline (DiT-XL/2 training
 #   step reference / fused / compiled, 8-step guided sampling); kernel ratios (MMD, adaLN, attention against
 #   their reference and torch.compile, interleaved); attention dispatch table; profile of one XL/2 step; the
-#   the table. (The static model, benchmarks/roofline.py, needs no GPU and is computed off the device.)
+#   kernels' measured times beside the memory floor and the static model's bound (benchmarks/roofline.py, computed
+#   off the device into benchmarks/roofline_model.json); the table.
 # Every case appends one JSON line to results.jsonl when it finishes (benchmarks/results.py), and table.md is
 # rebuilt from those lines after every step: a timeout or a crash loses at most the case that was running.
 #
@@ -156,8 +157,14 @@ profile() {
     return $rc
 }
 
-roofline() {  # the static model needs no GPU and minutes of compiling: it is computed off the device
-    not_here "the static model is computed off the device: python benchmarks/roofline.py (table in RESULTS.md)"
+roofline() {  # the static model needs minutes of compiling and no GPU: computed off the device, joined here
+    local out
+    out=$("$PY" -c "import results, summarize; summarize.print_against_model(results.read('$RESULTS')[0])") || return 1
+    if [ -z "$out" ]; then
+        not_here "no H100/H200 measurement of a modelled group (benchmarks/roofline_model.json) to set beside it"
+        return
+    fi
+    echo "$out"
 }
 
 cap_files() {  # what comes back: at most 8 files of 16 MiB; a log over the cap keeps its end

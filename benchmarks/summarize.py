@@ -6,7 +6,9 @@ interleaved rounds, with both providers' median times.
 
 A device run's results.jsonl (one JSON line per finished case, benchmarks/results.py): the steps with their
 status and seconds, the headline, the CUDA tests per file, and the benchmark and ratio cases, rebuilt from
-whatever lines exist (a run cut short gives a shorter table, never none).
+whatever lines exist (a run cut short gives a shorter table, never none); on an H100 or H200, each kernel's
+measured time beside the floor and the bound of the static model (benchmarks/roofline_model.json, written off the
+device by `python benchmarks/roofline.py --save`) for the groups the model covers.
 
 Usage: python benchmarks/summarize.py RESULTS.json|results.jsonl [MORE ...]
 """
@@ -141,8 +143,60 @@ def jsonl_main(path):
     for b in benches:  # provider from the case's parameters ("...[shape-provider-mode]") or its extra_info
         b["params"]["provider"] = b["extra_info"].get("provider", provider_of(b))
     print_benches(benches, lead="\n")
+    print_against_model(recs)
     if torn:
         print(f"\n({torn} line(s) of {path} were cut off by a kill and are left out)")
+
+
+MODEL_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "roofline_model.json")
+
+
+def card_of(device_name):
+    """The static model's card for a CUDA device name, or None (the model knows the H100 SXM and the H200)."""
+    name = (device_name or "").upper()
+    if "H200" in name:
+        return "H200"
+    if "H100" in name and "PCIE" not in name and "NVL" not in name:
+        return "H100 SXM"
+    return None
+
+
+def measured_kernels(recs):
+    """{(group, provider): median seconds} of the kernel providers (triton, cuda) of the benchmark and ratio
+    cases in recs."""
+    out = {}
+    for r in recs:
+        if r.get("kind") != "test" or "group" not in r:
+            continue
+        info, group = r.get("extra_info") or {}, r["group"]
+        if group.startswith("ratio-"):  # one case, every provider's median over interleaved rounds
+            for p, sec in (info.get("median_s") or {}).items():
+                out[(group[len("ratio-"):], p)] = sec
+        else:  # the provider from extra_info, else from the case id ("...[XL-residual-fwd-triton]")
+            case_id = "-" + provider_of({"name": r.get("case", "")}) + "-"
+            p = info.get("provider") or next((t for t in ("triton", "cuda") if f"-{t}-" in case_id), None)
+            out[(group, p)] = r.get("median_s")
+    return {k: v for k, v in out.items() if k[1] in ("triton", "cuda") and isinstance(v, (int, float))}
+
+
+def print_against_model(recs, model_file=MODEL_FILE):
+    env = [r for r in recs if r.get("kind") == "env"]
+    card = card_of(env[-1].get("device") if env else None)
+    if card is None or not os.path.exists(model_file):
+        return
+    with open(model_file) as f:
+        model = json.load(f)
+    rows = [(g, p, sec, model["groups"][g][card]) for (g, p), sec in sorted(measured_kernels(recs).items())
+            if card in model["groups"].get(g, {})]
+    if not rows:
+        return
+    print(f"\n{card}, measured beside the static model (triton {model.get('triton')} when modelled):")
+    print("| group | provider | measured (us) | floor (us) | floor / measured | model bound (us) | model / measured |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for g, p, sec, m in rows:
+        us = sec * 1e6
+        print(f"| {g} | {p} | {us:.1f} | {m['floor_us']:.1f} | {100 * m['floor_us'] / us:.0f}% | "
+              f"{m['bound_us']:.1f} | {100 * m['bound_us'] / us:.0f}% |")
 
 
 def print_benches(benches, lead=""):

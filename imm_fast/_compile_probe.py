@@ -201,18 +201,25 @@ def _meta(*shape, dtype):
 _DT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def mmd_cases(Gs=(1024, 4096), Ms=(4, 8, 16), Ds=(3072, 4096, 16384), dtypes=("fp32", "bf16")):
-    from imm_fast.kernels.mmd import mmd_fwd
+def _mmd_fwd_bwd(G, M, D, dt, grads):
+    """mmd_fwd with a folded coefficient, then the backward's in-place rescale of each stored gradient."""
+    from imm_fast.kernels.mmd import mmd_fwd, mmd_rescale_
 
+    x, y = _meta(G * M, D, dtype=_DT[dt]), _meta(G * M, D, dtype=_DT[dt])
+    c = _meta(G, dtype=torch.float32)
+    _, gx, gy = mmd_fwd(x, y, M, _meta(G, dtype=torch.float32), 1e-8, False, True, True, grads == "xy", coef=c)
+    for g in (gx, gy) if grads == "xy" else (gx,):
+        mmd_rescale_(g, _meta(G, dtype=torch.float32), c)
+
+
+def mmd_cases(Gs=(1024, 4096), Ms=(4, 8, 16), Ds=(3072, 4096, 16384), dtypes=("fp32", "bf16")):
     out = []
     for G in Gs:
         for M in Ms:
             for D in Ds:
                 for dt in dtypes:
                     for grads in ("x", "xy"):
-                        x, y = _meta(G * M, D, dtype=_DT[dt]), _meta(G * M, D, dtype=_DT[dt])
-                        call = functools.partial(mmd_fwd, x, y, M, _meta(G, dtype=torch.float32), 1e-8, False, True,
-                                                 True, grads == "xy")
+                        call = functools.partial(_mmd_fwd_bwd, G, M, D, dt, grads)
                         out.append(Case("mmd", f"G={G} M={M} D={D} {dt} grad {grads}", call))
     return out
 

@@ -112,7 +112,7 @@ def _finite_rows(x, noise):
     return x, noise, row_ok
 
 
-def _masked_group_mmd(y_t, y_r, row_ok, w, scale, M, cfg):
+def _masked_group_mmd(y_t, y_r, row_ok, w, scale, M, cfg, grad_accum=1):
     """w(s,t) MMD2_g per group (G,), with part 2 of the guard: a group with bad inputs or a non-finite
     student/target output enters the MMD as zeros, and groups whose weighted MMD is still non-finite are
     selected away: torch.where's backward sends exactly zero to the masked entries (nan_to_num would zero the
@@ -124,21 +124,34 @@ def _masked_group_mmd(y_t, y_r, row_ok, w, scale, M, cfg):
     zero_y = torch.zeros((), dtype=y_t.dtype, device=y_t.device)
     mmd = mmd_loss(torch.where(rows, y_t, zero_y), torch.where(rows, y_r.to(y_t.dtype), zero_y), M,
                    scale=scale.float(), eps=cfg.kernel_eps, kernel=cfg.kernel, reduction="none",
-                   backend=cfg.backend)  # (G,)
+                   backend=cfg.backend, grad_hint=_mmd_grad_hint(w, G, grad_accum, y_t))  # (G,)
     contrib = w.to(mmd.dtype) * mmd  # (G,)
     ok = group_ok & torch.isfinite(contrib)  # (G,)
     per_group = torch.where(ok, contrib, torch.zeros((), dtype=contrib.dtype, device=contrib.device))
     return per_group, mmd, group_ok, ok
 
 
+def _mmd_grad_hint(w, G, grad_accum, like):
+    """(G,): the gradient (loss / grad_accum).backward() brings to MMD2_g through the lines of imm_loss below
+    (divide, mean, where, times w(s,t)), in the same operations, so mmd_loss's kernel can store its gradient
+    already scaled (a wrong hint costs one pass over the gradient, never a value)."""
+    g = torch.ones(G, dtype=like.dtype, device=like.device)
+    if grad_accum != 1:
+        g = g / grad_accum
+    return (g / G) * w.to(like.dtype)
+
+
 def imm_loss(model, x, labels=None, cfg: LossConfig = LossConfig(), *, target_model=None, generator=None,
-             t=None, s=None, r=None, noise=None, drop_mask=None, diagnostics=False) -> IMMLossOutput:
+             t=None, s=None, r=None, noise=None, drop_mask=None, diagnostics=False,
+             grad_accum=1) -> IMMLossOutput:
     """The IMM loss of a batch x (B, Cin, R, R) with labels (ids (B,) or one-hot (B, label_dim), or None).
 
     model: the IMM wrapper being trained (or a DDP wrapper of it); target_model: the module used for the
     no-grad target pass (default: model; pass the unwrapped module under DDP). generator: a CPU torch.Generator
     for (s, r, t), eps and the label-drop mask (default: the global RNG). For tests, t, s, r (G,), noise (B, ...)
-    and drop_mask (B,) bool may be given explicitly. Returns IMMLossOutput (loss + per-group diagnostics).
+    and drop_mask (B,) bool may be given explicitly. grad_accum: the caller backpropagates loss / grad_accum
+    (only a hint for the MMD kernels' stored gradient; the values never depend on it). Returns IMMLossOutput
+    (loss + per-group diagnostics).
     """
     core = getattr(model, "module", model)
     target_model = model if target_model is None else target_model
@@ -176,7 +189,7 @@ def imm_loss(model, x, labels=None, cfg: LossConfig = LossConfig(), *, target_mo
     w = sch.weight(t, cfg.a, cfg.b, core.noise_schedule)  # (G,) float64
     scale = sch.kernel_scale(s, t, core.f_type, core.noise_schedule, core.sigma_data)  # (G,)
     y_t, y_r = y_t.reshape(B, -1), y_r.reshape(B, -1)  # (B, D)
-    per_group, mmd, group_ok, ok = _masked_group_mmd(y_t, y_r, row_ok, w, scale, M, cfg)
+    per_group, mmd, group_ok, ok = _masked_group_mmd(y_t, y_r, row_ok, w, scale, M, cfg, grad_accum)
     out = IMMLossOutput(loss=per_group.mean(), mmd=torch.where(group_ok, mmd.detach(), float("nan")), weight=w,
                         scale=scale, t=t, s=s, r=r, nonfinite_groups=(~ok).sum())
     if diagnostics:

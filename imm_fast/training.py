@@ -673,7 +673,7 @@ def _train_step(run: _Run) -> _StepOut:
         with sync:
             out = imm_loss(run.net, x, y, run.lcfg, target_model=run.model, t=t_all[groups], s=s_all[groups],
                            r=r_all[groups], noise=noise_all[rows].to(device),
-                           drop_mask=None if drop_all is None else drop_all[rows].to(device))
+                           drop_mask=None if drop_all is None else drop_all[rows].to(device), grad_accum=A)
             (out.loss / A).backward()
         loss += out.loss.detach().float() / A
         masked += out.nonfinite_groups

@@ -16,7 +16,9 @@ The D axis lies across lanes and warps and every pair is accumulated per lane: t
 reduction (no shuffles, no barriers); the reduction over lanes follows pass 1. The number of programs is sized
 so that the groups in flight fit in half of L2, so pass 2 finds its rows there: HBM traffic is read x and y once,
 write each gradient once (3N elements with N = B*D in the IMM case, gradient for x only; 4N for both).
-The custom op's backward then scales the stored gradient by dL/dMMD2_g (read and write it once more).
+The gradient is written already scaled by c_g, the caller's expected dL/dMMD2_g (mmd_loss's grad_hint: 1/G for
+mmd_loss(...).backward(), w(s,t)/G in IMM training), so the backward (mmd_rescale_) moves no bytes where the hint
+was right: forward plus backward then move 3N. Where it was not, it scales those groups' rows in place (+2N).
 
 Pair structure (groups of up to 8 particles, `_mmd_fwd_kernel`): the 2*MP rows are paired level by level,
 level h pairing rows (2aK + k, 2aK + K + l) with K = 2^h: levels below the top pair x with x and y with y, the
@@ -152,10 +154,10 @@ def _pair_terms(q, s, inv_D, eps, RBF: tl.constexpr, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
-def _level_terms(acc, bad, scr_ptr, M, s, inv_D, inv_m2, eps, N: tl.constexpr, H: tl.constexpr,
+def _level_terms(acc, bad, scr_ptr, M, s, c, inv_D, inv_m2, eps, N: tl.constexpr, H: tl.constexpr,
                  RBF: tl.constexpr, LIBDEVICE: tl.constexpr):
     """Level H of the 2MP = N stacked rows after pass 1: writes sigma_a sigma_b (k - 1) of its pairs, both orders,
-    into the scratch's first (N, N) square and W_ij (i < j; NaN when the group is bad) into its second."""
+    into the scratch's first (N, N) square and c W_ij (i < j; NaN when the group is bad) into its second."""
     A: tl.constexpr = N >> (H + 1)
     K: tl.constexpr = 1 << H
     MP: tl.constexpr = N // 2
@@ -169,7 +171,7 @@ def _level_terms(acc, bad, scr_ptr, M, s, inv_D, inv_m2, eps, N: tl.constexpr, H
     term = tl.where(valid, sign * em1, 0.0)
     tl.store(scr_ptr + i * N + j, term)
     tl.store(scr_ptr + j * N + i, term)
-    w = tl.where(bad, float("nan"), tl.where(valid, (2.0 * inv_m2) * sign * coef, 0.0))
+    w = tl.where(bad, float("nan"), tl.where(valid, (2.0 * inv_m2 * c) * sign * coef, 0.0))
     tl.store(scr_ptr + N * N + i * N + j, w)  # W is symmetric; pass 2 reads the entries it needs
 
 
@@ -215,10 +217,11 @@ def _store_rows(ptr, row0, M, offs_d, D, grad, MP: tl.constexpr):
 def _mmd_fwd_kernel(
     x_ptr,        # (B, D) student rows, any float dtype; row stride stride_x, column stride 1
     y_ptr,        # (B, D) target rows; row stride stride_y, column stride 1
-    gx_ptr,       # (B, D) out, contiguous, dtype of x: dMMD2_g/dx (untouched unless NEED_GX)
-    gy_ptr,       # (B, D) out, contiguous, dtype of y: dMMD2_g/dy (untouched unless NEED_GY)
-    mmd_ptr,      # (G,) out fp32: MMD2_g
+    gx_ptr,       # (B, D) out, contiguous, dtype of x: c_g dMMD2_g/dx (untouched unless NEED_GX)
+    gy_ptr,       # (B, D) out, contiguous, dtype of y: c_g dMMD2_g/dy (untouched unless NEED_GY)
+    mmd_ptr,      # (G,) out fp32: MMD2_g (unscaled)
     scale_ptr,    # (G,) fp32: kernel scale s_g (w~ in the paper)
+    coef_ptr,     # (G,) fp32: c_g, folded into the gradients written (c_g dMMD2_g/dx; 1 = the plain gradient)
     scr_ptr,      # (programs, 2, 2MP, 2MP) fp32 scratch: one group's sigma_a sigma_b (k(z_a, z_b) - 1), then W
     stride_x,     # elements between rows of x
     stride_y,     # elements between rows of y
@@ -269,19 +272,20 @@ def _mmd_fwd_kernel(
         # (through a per-program scratch) row by row: k(x_i, x_j) - k(x_i, y_j) cancel early when y ~ x, where
         # summing level by level would add O(1) partial sums whose difference is the ~1e-7 result.
         s = tl.load(scale_ptr + g)
+        c = tl.load(coef_ptr + g)
         bad = tl.sum(chk, axis=0) != 0.0  # NaN != 0
         scr = scr_ptr + tl.program_id(0) * (2 * N * N)
         rows = tl.arange(0, N)
         tl.debug_barrier()  # every thread is done reading the previous group's scratch
         em1_0, _ = _pair_terms(tl.zeros((N,), dtype=tl.float32), s, inv_D, eps, RBF, LIBDEVICE)  # distance 0
         tl.store(scr + rows * (N + 1), tl.where(tl.where(rows < MP, rows, rows - MP) < M, em1_0, 0.0))
-        _level_terms(acc0, bad, scr, M, s, inv_D, inv_m2, eps, N, 0, RBF, LIBDEVICE)
+        _level_terms(acc0, bad, scr, M, s, c, inv_D, inv_m2, eps, N, 0, RBF, LIBDEVICE)
         if N >= 4:
-            _level_terms(acc1, bad, scr, M, s, inv_D, inv_m2, eps, N, 1, RBF, LIBDEVICE)
+            _level_terms(acc1, bad, scr, M, s, c, inv_D, inv_m2, eps, N, 1, RBF, LIBDEVICE)
         if N >= 8:
-            _level_terms(acc2, bad, scr, M, s, inv_D, inv_m2, eps, N, 2, RBF, LIBDEVICE)
+            _level_terms(acc2, bad, scr, M, s, c, inv_D, inv_m2, eps, N, 2, RBF, LIBDEVICE)
         if N >= 16:
-            _level_terms(acc3, bad, scr, M, s, inv_D, inv_m2, eps, N, 3, RBF, LIBDEVICE)
+            _level_terms(acc3, bad, scr, M, s, c, inv_D, inv_m2, eps, N, 3, RBF, LIBDEVICE)
         tl.debug_barrier()  # the squares are written by all threads
         total = tl.sum(tl.sum(tl.load(scr + rows[:, None] * N + rows[None, :]), axis=1), axis=0) * inv_m2
         tl.store(mmd_ptr + g, tl.where(bad, float("nan"), total))
@@ -331,6 +335,7 @@ def _mmd_rows_kernel(
     x_ptr, y_ptr, gx_ptr, gy_ptr,  # as in _mmd_fwd_kernel
     part_ptr,     # (G, NB) out fp32: row block ib's share of MMD2_g
     scale_ptr,    # (G,) fp32: s_g
+    coef_ptr,     # (G,) fp32: c_g, folded into the gradients
     scr_ptr,      # unused (the pair kernel's scratch; one argument list for both)
     stride_x, stride_y, D, M, G, inv_D, inv_m2, eps,  # as in _mmd_fwd_kernel
     RBF: tl.constexpr, LIBDEVICE: tl.constexpr, NEED_GX: tl.constexpr, NEED_GY: tl.constexpr,
@@ -367,6 +372,7 @@ def _mmd_rows_kernel(
             d = zi[:, None, :] - zj[None, :, :]
             acc += d * d
         s = tl.load(scale_ptr + g)
+        c = tl.load(coef_ptr + g)
         bad = tl.sum(chk, axis=0) != 0.0
         q = tl.sum(acc, axis=2)  # (BM, N), diagonal included (distance 0, floored)
         real_i = (blk0 + tl.arange(0, BM)) < M
@@ -375,7 +381,7 @@ def _mmd_rows_kernel(
         em1, coef = _pair_terms(q, s, inv_D, eps, RBF, LIBDEVICE)
         part = tl.sum(tl.sum(tl.where(valid, sign * em1, 0.0), axis=1), axis=0) * inv_m2
         tl.store(part_ptr + item, tl.where(bad, float("nan"), part))
-        w = tl.where(bad, float("nan"), tl.where(valid, (2.0 * inv_m2) * sign * coef, 0.0))  # (BM, N)
+        w = tl.where(bad, float("nan"), tl.where(valid, (2.0 * inv_m2 * c) * sign * coef, 0.0))  # (BM, N)
         if NEED_GX:
             if is_x:
                 _block_grad(x_ptr, y_ptr, gx_ptr, w, row0, blk0, is_x, stride_x, stride_y, M, D,
@@ -454,11 +460,13 @@ def _rows_view(t: torch.Tensor, name: str) -> torch.Tensor:
     return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
 
 
-def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy):
+def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy, *, coef=None):
     """Launcher: (mmd2 (G,) fp32 unweighted, gx (B, D) dtype of x or absent, gy (B, D) dtype of y or absent).
 
     x2d, y2d: (B, D) with any row stride (a unit column stride is made if missing); scale: (G,) s_g.
-    Gradients not asked for are (0,) tensors (imm_fast._backend.absent), like every backend and the fake.
+    coef: None or (G,) c_g, folded into the gradients: gx = c_g dMMD2_g/dx (so a backward whose dL/dMMD2_g is c
+    has nothing left to do: mmd_rescale_). Gradients not asked for are (0,) tensors (imm_fast._backend.absent),
+    like every backend and the fake.
     """
     x2d = _rows_view(x2d, "x2d")
     y2d = _rows_view(y2d, "y2d")
@@ -472,6 +480,7 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
         raise ValueError(f"group_size={group_size} must be a positive divisor of B={B}")
     G = B // M
     scale = scale.reshape(G).to(device=x2d.device, dtype=torch.float32).contiguous()
+    coef = torch.ones_like(scale) if coef is None else coef.reshape(G).to(scale).contiguous()
     p = plan(M, D, max(x2d.element_size(), y2d.element_size()), target_arch(x2d.device))
     gx = torch.empty((B, D), device=x2d.device, dtype=x2d.dtype) if need_gx else x2d.new_empty(0)
     gy = torch.empty((B, D), device=y2d.device, dtype=y2d.dtype) if need_gy else y2d.new_empty(0)
@@ -482,7 +491,7 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
     grid = (G * nb,) if interpret else (_programs(x2d.device, G * nb, group_bytes),)
     N = 2 * p["MP"]
     scratch = torch.empty((grid[0] * 2 * N * N if nb == 1 else 1,), device=x2d.device, dtype=torch.float32)
-    args = (x2d, y2d, gx if need_gx else x2d, gy if need_gy else y2d, out, scale, scratch,
+    args = (x2d, y2d, gx if need_gx else x2d, gy if need_gy else y2d, out, scale, coef, scratch,
             x2d.stride(0), y2d.stride(0), D, M, G, 1.0 / D if normalize_dim else 1.0, 1.0 / (M * M), float(eps))
     # libdevice on every GPU target (also meta tensors compiled for one); the CPU interpreter has none.
     meta = dict(RBF=bool(rbf), LIBDEVICE=x2d.device.type != "cpu", NEED_GX=bool(need_gx), NEED_GY=bool(need_gy),
@@ -495,3 +504,40 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
             _mmd_rows_kernel[grid](*args, BM=p["BM"], **meta)
     mmd2 = out if nb == 1 else out.view(G, nb).sum(dim=1)  # (G,): a fresh tensor, not a view
     return mmd2, gx, gy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backward: the stored gradient rescaled in place, only where the folded coefficient was not dL/dMMD2_g
+
+@triton.jit
+def _mmd_rescale_kernel(
+    g_ptr,        # (G, S) in/out, contiguous: group g's stored gradient c_g dMMD2_g/dz (S = M * D values)
+    f_ptr,        # (G,) fp32: f_g = dL/dMMD2_g, what the gradient must be scaled by
+    c_ptr,        # (G,) fp32: c_g, what it is scaled by now
+    S,            # values per group
+    BLOCK: tl.constexpr,  # values per program
+):
+    g = tl.program_id(0)
+    f = tl.load(f_ptr + g)
+    c = tl.load(c_ptr + g)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # f == c (the caller's hint was right): the mask is all false and the program moves no bytes.
+    todo = offs < tl.where(f != c, S, 0)
+    ptr = g_ptr + g.to(tl.int64) * S + offs
+    z = tl.load(ptr, mask=todo, other=0.0).to(tl.float32)
+    tl.store(ptr, (z * tl.div_rn(f, c)).to(g_ptr.dtype.element_ty), mask=todo)
+
+
+def mmd_rescale_(g: torch.Tensor, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """In place: the rows of group g of the contiguous (B, D) gradient g times f_g / c_g, skipped (no bytes
+    moved) where f_g == c_g (imm_fast.ops.mmd.rescale_factor is the same factor). Returns g. f, c: (G,)."""
+    G = f.numel()
+    if not g.is_contiguous() or g.numel() % max(G, 1):
+        raise ValueError(f"g must be a contiguous gradient of G={G} equal groups, got shape {tuple(g.shape)}")
+    S = g.numel() // G
+    BLOCK = 4096
+    f = f.reshape(G).to(device=g.device, dtype=torch.float32).contiguous()
+    c = c.reshape(G).to(device=g.device, dtype=torch.float32).contiguous()
+    with device_guard(g):
+        _mmd_rescale_kernel[(G, triton.cdiv(S, BLOCK))](g, f, c, S, BLOCK=BLOCK, num_warps=4)
+    return g

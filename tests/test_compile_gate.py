@@ -224,6 +224,40 @@ def test_roofline_bytes_equal_a_hand_count():
     assert out["torch_bytes"] == 0
 
 
+@needs_toolchain
+@pytest.mark.slow
+def test_roofline_mmd_forward_backward_counts():
+    """MMD forward + backward, G=8 M=4 D=512 fp32 from a G=2 interpreter run: the forward kernel reads x and y
+    once from HBM and re-reads them from L2 in pass 2 (reuse distance within the card's share), writes dx once;
+    the backward reads two floats per group when the hint is right and also reads + writes dx when it is not."""
+    out = probe(f"""
+        import sys
+        sys.path.insert(0, {_ROOFLINE!r})
+        import roofline as R
+        res = {{}}
+        for hint in ("right", "wrong"):
+            case = R.Case("mmd", hint, "run_mmd", dict(G=8, M=4, D=512, dt="fp32", hint=hint), "G", 2, 0, 0, False)
+            m = R.model(case)
+            card = R.CARDS["H100 SXM"]
+            res[hint] = dict(rows={{r["kernel"]: r["bytes"] for r in m["rows"]}},
+                             hits=sum(R.l2_hits(r, card) for r in m["rows"]),
+                             design=R.bounds(m, card)["design_bytes"])
+        print(json.dumps(res))
+    """)
+    N, e = 8 * 4 * 512, 4
+    right, wrong = out["right"], out["wrong"]
+    fc = 8 * (4 + 4)  # each of the 8 groups' programs reads its f_g and c_g
+    assert right["rows"]["_mmd_rescale_kernel"] == fc
+    assert wrong["rows"]["_mmd_rescale_kernel"] == 2 * N * e + fc
+    assert right["rows"]["_mmd_fwd_kernel"] == wrong["rows"]["_mmd_fwd_kernel"]
+    assert right["hits"] >= 2 * N * e  # pass 2's re-reads of x and y (and the per-group scratch) hit L2
+    scratch = right["rows"]["_mmd_fwd_kernel"] - 5 * N * e  # pass 1 and 2 loads, the store of dx
+    assert 0 <= scratch < 0.25 * N * e
+    # What reaches HBM: 3N values (and the scratch's first touches, the f_g / c_g reads, the launcher's (G,) ops).
+    assert 3 * N * e <= right["design"] <= 3 * N * e + scratch + fc + 16 * 8
+    assert wrong["design"] == pytest.approx(right["design"] + 2 * N * e, abs=256)  # + the wrong f_g made by torch
+
+
 _TOY = '''
 import triton
 import triton.language as tl

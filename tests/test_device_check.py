@@ -96,3 +96,53 @@ def test_summarize_rebuilds_from_the_lines_a_kill_left(tmp_path, capsys):
     assert "| headline | timeout | 80.0 |" in out
     assert "| train_step XL/2 b64 fused | passed | 512.0 samples/s | 125.0 | 3.0 | - | - |" in out
     assert "1 line(s)" in out
+
+
+def _bench_modules():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import results
+        import summarize
+    finally:
+        sys.path.remove(str(BENCH))
+    return results, summarize
+
+
+def test_measured_beside_the_model_on_a_modelled_card(tmp_path, capsys):
+    """On an H100 SXM or H200, the kernels' measured medians (a ratio case's per-provider medians, a plain bench
+    case's) are set beside the floor and the bound the model stored for their group; other cards, the reference
+    providers and groups the model does not cover print nothing."""
+    results, summarize = _bench_modules()
+    model = {"triton": "3.9.0", "groups": {"mmd-4096x4x4096-float32-fwdbwd": {
+        "H100 SXM": {"floor_us": 60.0, "bound_us": 75.0, "cases": ["mmd x"]},
+        "H200": {"floor_us": 42.0, "bound_us": 52.5, "cases": ["mmd x"]}}}}
+    (tmp_path / "model.json").write_text(json.dumps(model))
+    path = str(tmp_path / "results.jsonl")
+    results.append({"kind": "env", "device": "NVIDIA H100 80GB HBM3"}, path)
+    results.append({"kind": "test", "case": "bench_mmd.py::test_mmd_gpu_ratio[4096x4x4096-fp32-fwdbwd]",
+                    "outcome": "passed", "group": "ratio-mmd-4096x4x4096-float32-fwdbwd", "median_s": 1.0,
+                    "extra_info": {"median_s": {"ref": 9e-4, "compile": 3e-4, "triton": 1.2e-4, "cuda": 1.5e-4}}},
+                   path)
+    results.append({"kind": "test", "case": "bench_mmd.py::test_mmd_gpu_ratio[4096x8x3072-fp32-fwdbwd]",
+                    "outcome": "passed", "group": "ratio-mmd-4096x8x3072-float32-fwdbwd", "median_s": 1.0,
+                    "extra_info": {"median_s": {"ref": 9e-4, "triton": 1e-4}}}, path)
+    recs, _ = results.read(path)
+    summarize.print_against_model(recs, str(tmp_path / "model.json"))
+    out = capsys.readouterr().out
+    assert "| mmd-4096x4x4096-float32-fwdbwd | triton | 120.0 | 60.0 | 50% | 75.0 | 62% |" in out
+    assert "| mmd-4096x4x4096-float32-fwdbwd | cuda | 150.0 | 60.0 | 40% | 75.0 | 50% |" in out
+    assert "| ref |" not in out and "4096x8x3072" not in out and out.startswith("\nH100 SXM")
+    assert summarize.card_of("NVIDIA H200") == "H200" and summarize.card_of("NVIDIA H100 PCIe") is None
+    recs[0]["device"] = "NVIDIA A100-SXM4-80GB"
+    summarize.print_against_model(recs, str(tmp_path / "model.json"))
+    assert capsys.readouterr().out == ""
+
+
+def test_the_stored_model_covers_the_device_runs_groups():
+    """benchmarks/roofline_model.json (written by `roofline.py --save`) has both cards for the MMD shapes the
+    device run measures (bench_mmd's quick GPU shapes, forward+backward) and the adaLN DiT-XL group."""
+    model = json.loads((BENCH / "roofline_model.json").read_text())
+    for group in ("mmd-4096x4x4096-float32-fwdbwd", "mmd-4096x8x3072-bfloat16-fwdbwd",
+                  "adaln-XL-residual_adaln-fwdbwd"):
+        assert set(model["groups"][group]) == {"H100 SXM", "H200"}, group
+        assert 0 < model["groups"][group]["H200"]["floor_us"] <= model["groups"][group]["H200"]["bound_us"]

@@ -353,6 +353,138 @@ def test_fake_impl_and_opcheck(backend, need):
                                       "test_aot_dispatch_static"))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_opcheck_with_coef(backend):
+    """The op with a folded coefficient (what mmd_loss passes) also passes opcheck."""
+    _skip_unless_usable(backend, "cpu")
+    x, y = torch.randn(6, 5, requires_grad=True), torch.randn(6, 5)
+    s, c = torch.rand(3) + 0.5, torch.rand(3) + 0.1
+    torch.library.opcheck(torch.ops.imm_fast.mmd_fwd.default, (x, y, 2, s, 1e-4, False, True, True, False, backend, c),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_static"))
+
+
+def _spy_factors(monkeypatch):
+    """Record each backward's rescale factors (all ones: the stored gradient was returned as it was)."""
+    seen = []
+    real = mmd_mod.rescale_factor
+
+    def spy(f, c):
+        k = real(f, c)
+        seen.append(k)
+        return k
+
+    monkeypatch.setattr(mmd_mod, "rescale_factor", spy)
+    return seen
+
+
+HINT_CASES = [("mean", None, torch.float32), ("sum", None, torch.float32), ("none", None, torch.float32),
+              ("mean", "w", torch.float32), ("none", "w", torch.bfloat16), ("mean", None, torch.float16)]
+
+
+@pytest.mark.parametrize("reduction,weight,dtype", HINT_CASES, ids=[f"{r}-{w}-{str(d)[6:]}" for r, w, d in HINT_CASES])
+def test_default_hint_is_exact(monkeypatch, reduction, weight, dtype):
+    """mmd_loss(...).backward() (sum().backward() for "none"): the folded coefficient equals dL/dMMD2_g bit for
+    bit, so the backward has nothing to scale; the gradient still matches the reference."""
+    _skip_unless_usable("triton", "cpu")
+    seen = _spy_factors(monkeypatch)
+    gen = torch.Generator().manual_seed(7)
+    G, M, D = 7, 4, 33
+    x, y = _inputs(G, M, D, dtype, "cpu", "random", gen)
+    w = torch.rand(G, generator=gen) * 3 if weight else None
+    for fn, xx in ((functools.partial(mmd_loss, backend="triton"), x.clone().requires_grad_()),
+                   (mmd_loss_ref, x.double().requires_grad_())):
+        out = fn(xx, y.to(xx.dtype), M, weight=w, reduction=reduction)
+        (out.sum() if reduction == "none" else out).backward()
+        if fn is mmd_loss_ref:
+            ref = xx.grad
+        else:
+            got = xx.grad
+    assert len(seen) == 1 and bool((seen[0] == 1).all()), seen
+    torch.testing.assert_close(got.double(), ref, rtol=GRAD_RTOL[dtype] * 10, atol=GRAD_RTOL[dtype] * ref.abs().max())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_wrong_hint_gives_the_same_gradient(backend):
+    """A wrong grad_hint (or a backward that brings something else) costs a pass, never a value: loss * 3 with
+    a hint of 0.5 per group, zero and non-finite hints included, against the reference in float64."""
+    _skip_unless_usable(backend, "cpu")
+    gen = torch.Generator().manual_seed(11)
+    G, M, D = 5, 3, 17
+    x, y = _inputs(G, M, D, torch.float32, "cpu", "near", gen)
+    up = torch.rand(G, generator=gen) + 0.5
+    hint = torch.tensor([0.5, 0.0, float("nan"), 1e38, -2.0])
+    grads = []
+    for xx, yy, kw in ((x.clone().requires_grad_(), y.clone().requires_grad_(), dict(backend=backend, grad_hint=hint)),
+                       (x.double().requires_grad_(), y.double().requires_grad_(), dict(backend="torch"))):
+        out = mmd_loss(xx, yy, M, reduction="none", **kw)
+        (out * up.to(out.dtype)).sum().backward()
+        grads.append((xx.grad.double(), yy.grad.double()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max())
+
+
+def test_grad_hint_bad_input():
+    x, y = torch.randn(8, 5, requires_grad=True), torch.randn(8, 5)
+    with pytest.raises(TypeError, match="grad_hint"):
+        mmd_loss(x, y, 4, grad_hint="1")
+    with pytest.raises(ValueError, match="grad_hint"):
+        mmd_loss(x, y, 4, grad_hint=torch.ones(2), backend="triton" if _backend.triton_interpret() else "cpp")
+
+
+def test_in_place_backward_retained_graph(monkeypatch):
+    """The eager-CUDA path (rescale the stored gradient in place, then remember what it holds), run here under the
+    interpreter: two backwards through one retained graph with different dL/dMMD2_g, a third with the first again,
+    each equal to the out-of-place result, and a group whose hint was right left untouched in memory."""
+    _skip_unless_usable("triton", "cpu")
+    calls = []
+    from imm_fast.kernels import mmd as kmmd
+
+    real = kmmd.mmd_rescale_
+
+    def counting(g, f, c):
+        calls.append((f.clone(), c.clone()))
+        return real(g, f, c)
+
+    monkeypatch.setattr(kmmd, "mmd_rescale_", counting)
+    gen = torch.Generator().manual_seed(3)
+    G, M, D = 4, 2, 9
+    x, y = _inputs(G, M, D, torch.float32, "cpu", "random", gen)
+    ups = [torch.tensor([1.0, 2.0, 0.5, 1.0]), torch.tensor([3.0, 1.0, 1.0, -1.0])]
+    expected = []
+    for up in ups:  # the out-of-place path
+        xx = x.clone().requires_grad_()
+        (mmd_loss(xx, y, M, reduction="none", backend="triton") * up).sum().backward()
+        expected.append(xx.grad.clone())
+    monkeypatch.setattr(mmd_mod, "_in_place_ok", lambda *ts: True)
+    xx = x.clone().requires_grad_()
+    out = mmd_loss(xx, y, M, reduction="none", backend="triton")
+    for k in (0, 1, 0):
+        (g,) = torch.autograd.grad((out * ups[k]).sum(), xx, retain_graph=True)
+        torch.testing.assert_close(g, expected[k], rtol=1e-6, atol=1e-7 * expected[k].abs().max())
+    assert len(calls) == 3
+    f0, c0 = calls[0]
+    assert torch.equal(c0, torch.ones(G)) and torch.equal(f0, ups[0])  # hint 1: groups 0 and 3 were right
+    torch.testing.assert_close(calls[1][1], ups[0])  # the second backward starts from what the first stored
+
+
+def test_imm_loss_hint_is_exact(monkeypatch):
+    """imm_loss's hint for (loss / grad_accum).backward() is dL/dMMD2_g bit for bit (fp32, grad_accum 1 and 3)."""
+    _skip_unless_usable("triton", "cpu")
+    from imm_fast.loss import _mmd_grad_hint
+
+    gen = torch.Generator().manual_seed(5)
+    G = 6
+    w = torch.rand(G, generator=gen, dtype=torch.float64) * 10
+    for A in (1, 3):
+        mmd = torch.rand(G, requires_grad=True)
+        contrib = w.to(mmd.dtype) * mmd
+        ok = torch.tensor([True] * G)
+        loss = torch.where(ok, contrib, torch.zeros(())).mean()
+        (loss / A).backward()
+        assert torch.equal(_mmd_grad_hint(w, G, A, mmd), mmd.grad)
+
+
 def test_double_backward_raises():
     _skip_unless_usable("triton", "cpu")
     x = torch.randn(4, 3, requires_grad=True)

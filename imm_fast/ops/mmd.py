@@ -4,12 +4,17 @@ Shapes: B rows = G groups x M particles (group g is rows g*M .. g*M+M-1), D valu
 
 Layering: mmd_loss_ref (pure torch, the spec) | kernels/mmd.py mmd_fwd (Triton) and imm_fast._ext (C++/CUDA)
 share one contract, mmd_fwd(x2d, y2d, M, scale, eps, rbf, normalize_dim, need_gx, need_gy) -> (MMD2_g, gx, gy),
-wrapped by the custom op imm_fast::mmd_fwd (fake impl + autograd: backward scales the stored gx, gy by
-dL/dMMD2_g) | mmd_loss applies weight and reduction to the (G,) vector in torch and picks the backend.
+wrapped by the custom op imm_fast::mmd_fwd (fake impl + autograd) | mmd_loss applies weight and reduction to the
+(G,) vector in torch and picks the backend. A launcher that takes `coef` (Triton) stores c_g dMMD2_g/dz with c_g the
+expected dL/dMMD2_g (from grad_hint, weight and reduction), so the backward returns it untouched where the
+expectation was right and rescales only the other groups (in place on eager CUDA tensors).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+from typing import Optional
 
 import torch
 
@@ -213,23 +218,34 @@ def _pick_backend(backend, device_type: str, dtype=torch.float32) -> str:
     return _backend.select("mmd", backend, device_type, dtype)
 
 
-def _launch(backend: str, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy):
+@functools.lru_cache(maxsize=None)
+def _folds(fn) -> bool:
+    """A launcher that takes `coef` folds c_g into the gradients it stores; the others store dMMD2_g/dz."""
+    try:
+        return "coef" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin (the C++/CUDA ops) has no Python signature
+        return False
+
+
+def _launch(backend: str, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy, coef):
     mmd_fwd = _backend.launcher("mmd", backend, x2d.device.type)
-    return mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy)
+    extra = {"coef": coef} if coef is not None and _folds(mmd_fwd) else {}
+    return mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy, **extra)
 
 
 @torch.library.custom_op("imm_fast::mmd_fwd", mutates_args=())
 def _mmd_fwd_op(x2d: torch.Tensor, y2d: torch.Tensor, group_size: int, scale: torch.Tensor, eps: float, rbf: bool,
-                normalize_dim: bool, need_gx: bool, need_gy: bool,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(MMD2_g (G,) fp32 unweighted, dMMD2_g/dx (B, D) or empty, dMMD2_g/dy (B, D) or empty)."""
+                normalize_dim: bool, need_gx: bool, need_gy: bool, backend: str,
+                coef: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(MMD2_g (G,) fp32 unweighted, dMMD2_g/dx (B, D) or empty, dMMD2_g/dy (B, D) or empty); with coef (G,),
+    a launcher that folds it returns c_g dMMD2_g/dx and c_g dMMD2_g/dy (the backward then knows what it holds)."""
     # Launchers return fresh tensors (a custom op may not return views) and _backend.absent for gradients not
     # asked for, as the fake implementation does.
-    return _launch(backend, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy)
+    return _launch(backend, x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy, coef)
 
 
 @_mmd_fwd_op.register_fake
-def _(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy, backend):
+def _(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_gy, backend, coef=None):
     B, D = x2d.shape
     mmd2 = x2d.new_empty((B // group_size,), dtype=torch.float32)
     gx = x2d.new_empty((B, D)) if need_gx else _backend.absent(x2d)
@@ -241,28 +257,57 @@ def _setup_context(ctx, inputs, output):
     _, gx, gy = output
     ctx.save_for_backward(gx, gy)
     ctx.need = inputs[7:9]  # need_gx, need_gy
+    coef, backend, device_type = inputs[10], inputs[9], inputs[0].device.type
+    # c_g, what the stored gradients are scaled by now (None: 1). Kept on ctx, not saved: an in-place backward
+    # replaces it, and saved tensors may not change.
+    ctx.folded = coef if coef is not None and _folds(_backend.launcher("mmd", backend, device_type)) else None
     ctx.mark_non_differentiable(gx, gy)
     ctx.set_materialize_grads(False)  # else autograd fills (B, D) zeros for the unused grads of gx and gy
 
 
+def rescale_factor(f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(G,) fp32: what the backward multiplies group g's stored gradient by: 1 where f_g == c_g, else f_g / c_g
+    (kernels/mmd.py's mmd_rescale_ computes the same in place)."""
+    f, c = f.float(), c.float()
+    return torch.where(f == c, torch.ones_like(f), f / c)
+
+
+def _in_place_ok(*ts) -> bool:
+    """Eager CUDA tensors with Triton here: the backward may rescale the stored gradients in place. Traced
+    backwards (torch.compile, make_fx: fake, functional or mode-dispatched tensors) take the functional path."""
+    return (all(type(t) is torch.Tensor and t.is_cuda and not torch._C._is_functional_tensor(t) for t in ts)
+            and torch._C._len_torch_dispatch_stack() == 0 and not torch.compiler.is_compiling()
+            and _backend.triton_ready("cuda") is None)
+
+
 def _backward(ctx, g_mmd2, g_gx, g_gy):
-    """dL/dx = c_g gx, dL/dy = c_g gy with c_g = dL/dMMD2_g: one elementwise pass over each stored gradient."""
+    """dL/dx = f_g dMMD2_g/dx with f_g = dL/dMMD2_g (the same for y). The stored gradient holds c_g dMMD2_g/dx:
+    where f_g == c_g (the caller's hint was right) it is returned as it is, with no pass over it; elsewhere it is
+    scaled by f_g / c_g, in place on eager CUDA tensors (then c_g := f_g, so a second backward through a
+    retained graph starts from what is stored), else into a new tensor."""
     if torch.is_grad_enabled():
         raise RuntimeError("mmd_loss kernels have no double backward (create_graph=True); use "
                            "imm_fast.ops.mmd.mmd_loss_ref(..., twice_differentiable=True), which runs on every "
                            "device and dtype")
     gx, gy = ctx.saved_tensors
     if g_mmd2 is None:  # grads are not materialized: nothing flowed into MMD2_g
-        return (None,) * 10
+        return (None,) * 11
     G = g_mmd2.shape[0]
+    f = g_mmd2.float()
+    c = torch.ones_like(f) if ctx.folded is None else ctx.folded
+    stored = [gz for gz, need in zip((gx, gy), ctx.need) if need]
+    if _in_place_ok(f, *stored):
+        from ..kernels.mmd import mmd_rescale_
 
-    def scaled(gz, need):
-        if not need:
-            return None
-        # c_g in gz's dtype: one pass, no fp32 temporary (bf16/fp16 gradients were rounded already).
-        return (gz.view(G, -1) * g_mmd2.to(gz.dtype).view(G, 1)).view(gz.shape)
-
-    return (scaled(gx, ctx.need[0]), scaled(gy, ctx.need[1])) + (None,) * 8
+        for gz in stored:
+            mmd_rescale_(gz, f, c)
+        ctx.folded = f
+        out = iter(stored)
+    else:
+        k = rescale_factor(f, c).view(G, 1)
+        # In fp32, rounded once to the gradient's dtype, as the in-place kernel does.
+        out = iter([(gz.view(G, -1).float() * k).to(gz.dtype).view(gz.shape) for gz in stored])
+    return tuple(next(out) if need else None for need in ctx.need) + (None,) * 9
 
 
 _mmd_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -275,7 +320,7 @@ def _rows(t, B):
 
 
 def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace", normalize_dim=True,
-             reduction="mean", backend=None):
+             reduction="mean", backend=None, *, grad_hint=1.0):
     """Grouped Laplace/RBF-kernel MMD^2 between x (student) and y (target): the formula, the return shape per
     reduction and the semantics of non-finite input are in imm_fast.mmd_loss_ref's docstring.
 
@@ -286,8 +331,15 @@ def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace
     Gradients flow to x and y when they require grad (and to weight). The kernels take fp32/bf16/fp16 and
     accumulate in fp32; float64 inputs and a scale that requires grad run on the reference ("torch": asking for
     a kernel backend then raises with the reasons); for double backward see mmd_loss_ref(twice_differentiable).
+    grad_hint: the gradient the backward is expected to bring to the returned value (a float, or for
+    reduction="none" a (G,) tensor); 1.0 fits `mmd_loss(...).backward()`. The Triton kernel writes its gradient
+    already scaled for it, so where the hint is right (bit for bit) the backward moves no bytes; where it is not,
+    the backward scales the stored gradient once more (one pass over it, the cost without a hint). The values
+    never depend on it.
     """
     G = check_mmd_args(x, y, group_size, scale, weight, eps, kernel, reduction)
+    if isinstance(grad_hint, bool) or not isinstance(grad_hint, (int, float, torch.Tensor)):
+        raise TypeError(f"grad_hint must be a float or a tensor, got {type(grad_hint).__name__}")
     impl = _backend.select("mmd", backend, x.device.type, torch.promote_types(x.dtype, y.dtype),
                            scale_grad=isinstance(scale, torch.Tensor) and scale.requires_grad)
     if impl == "torch":
@@ -300,10 +352,33 @@ def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace
     x, y = x.to(kdt), y.to(kdt)  # no-ops when they agree
     s = _as_group_vector(scale, G, "scale", x.new_empty(0, dtype=torch.float32)).contiguous()  # (G,) fp32
     grad = torch.is_grad_enabled()
+    need_gx, need_gy = grad and x.requires_grad, grad and y.requires_grad
+    w = None if weight is None else _as_group_vector(weight, G, "weight", s)  # (G,) fp32
+    coef = _expected_grad(grad_hint, w, G, dt, reduction, s) if need_gx or need_gy else None
     mmd2, _, _ = torch.ops.imm_fast.mmd_fwd(
         _rows(x, B), _rows(y, B), group_size, s, float(eps), kernel == "rbf", bool(normalize_dim),
-        grad and x.requires_grad, grad and y.requires_grad, impl)  # mmd2: (G,) fp32
-    if weight is not None:
-        mmd2 = mmd2 * _as_group_vector(weight, G, "weight", mmd2)
+        need_gx, need_gy, impl, coef)  # mmd2: (G,) fp32
+    if w is not None:
+        mmd2 = mmd2 * w
     out = mmd2.mean() if reduction == "mean" else mmd2.sum() if reduction == "sum" else mmd2
     return out.to(dt)
+
+
+def _expected_grad(grad_hint, w, G, dt, reduction, like):
+    """(G,) fp32: dL/dMMD2_g if the returned value's gradient is grad_hint, computed with the operations autograd
+    runs backward through mmd_loss's last lines (so a right hint matches bit for bit); 1 where that is 0 or not a
+    normal finite number (the stored gradient must keep its information)."""
+    if isinstance(grad_hint, torch.Tensor):
+        if reduction != "none" and grad_hint.numel() != 1:
+            raise ValueError(f"grad_hint must be a float for reduction={reduction!r}, got shape "
+                             f"{tuple(grad_hint.shape)}")
+        h = _as_group_vector(grad_hint.detach(), G, "grad_hint", like.new_empty(0, dtype=dt))
+    else:
+        h = torch.full((G,), float(grad_hint), dtype=dt, device=like.device)
+    c = h.float()  # (the ToCopy of out.to(dt), backward)
+    if reduction == "mean":
+        c = c / G
+    if w is not None:
+        c = c * w
+    ok = torch.isfinite(c) & (c.abs() >= torch.finfo(torch.float32).tiny)
+    return torch.where(ok, c, torch.ones_like(c))
