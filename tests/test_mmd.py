@@ -485,6 +485,32 @@ def test_imm_loss_hint_is_exact(monkeypatch):
         assert torch.equal(_mmd_grad_hint(w, G, A, mmd), mmd.grad)
 
 
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_imm_training_backward_has_nothing_to_rescale(monkeypatch, grad_accum):
+    """The training step's (imm_loss(...).loss / grad_accum).backward() with the Triton MMD: every group's
+    dL/dMMD2_g equals what the forward folded (the backward returns the stored gradient as it is), and the
+    weights' gradients equal those of the reference MMD."""
+    _skip_unless_usable("triton", "cpu")
+    from _helpers import random_model
+    from imm_fast.config import LossConfig
+    from imm_fast.loss import imm_loss
+
+    seen = _spy_factors(monkeypatch)
+    m = random_model(img_resolution=8, img_channels=2, label_dim=0, patch_size=4, hidden_size=32, depth=1,
+                     num_heads=2).train()
+    x = torch.randn(8, 2, 8, 8, generator=torch.Generator().manual_seed(1)) * 0.5
+    grads = []
+    for backend in ("triton", "torch"):
+        m.zero_grad(set_to_none=True)
+        out = imm_loss(m, x, None, LossConfig(group_size=4, backend=backend), generator=torch.Generator().manual_seed(2),
+                       grad_accum=grad_accum)
+        (out.loss / grad_accum).backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert len(seen) == 1 and bool((seen[0] == 1).all()), seen
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6 * max(1.0, float(b.abs().max())))
+
+
 def test_double_backward_raises():
     _skip_unless_usable("triton", "cpu")
     x = torch.randn(4, 3, requires_grad=True)
