@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -338,7 +339,7 @@ def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace
     never depend on it.
     """
     G = check_mmd_args(x, y, group_size, scale, weight, eps, kernel, reduction)
-    if isinstance(grad_hint, bool) or not isinstance(grad_hint, (int, float, torch.Tensor)):
+    if isinstance(grad_hint, bool) or not isinstance(grad_hint, (numbers.Real, torch.Tensor)):
         raise TypeError(f"grad_hint must be a float or a tensor, got {type(grad_hint).__name__}")
     impl = _backend.select("mmd", backend, x.device.type, torch.promote_types(x.dtype, y.dtype),
                            scale_grad=isinstance(scale, torch.Tensor) and scale.requires_grad)
