@@ -248,3 +248,27 @@ def test_a_preempted_run_exits_with_the_signals_status(monkeypatch, capsys):
         monkeypatch.setattr(cli, "_cmd_train", preempted)
         assert main(["train"]) == status
         assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_torchrun_worker_leaves_with_its_status_at_once(monkeypatch, capsys):
+    """Under torchrun (WORLD_SIZE > 1) the CLI ends with os._exit(status) after flushing its output: an error's
+    status 2 and a finished command's 0 reach the launcher, never an abort in the interpreter's teardown."""
+    left = []
+
+    class Left(Exception):
+        pass
+
+    def fake_exit(code):
+        left.append(code)
+        raise Left
+
+    monkeypatch.setattr("os._exit", fake_exit)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Left):
+        main(["train", "batch_size=abc"])
+    assert left == [2] and "batch_size" in capsys.readouterr().err
+    with pytest.raises(Left):
+        main(["config", "--preset", "digits"])
+    assert left == [2, 0]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["config", "--preset", "digits"]) == 0 and left == [2, 0]
