@@ -99,7 +99,7 @@ if __name__ == "__main__":  # setuptools runs this file as __main__; tests impor
             "tensorboard": ["tensorboard"],  # log.tensorboard=true
             "wandb": ["wandb"],              # log.wandb=<project>
         },
-        entry_points={"console_scripts": ["imm_fast=imm_fast.__main__:main"]},
+        entry_points={"console_scripts": ["imm_fast=imm_fast.__main__:cli"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

@@ -301,7 +301,13 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 0
-    code = _run(args)
+    return _run(args)
+
+
+def cli(argv=None):
+    """The command line's entry (`python -m imm_fast`, the `imm_fast` script): main, then a torchrun worker leaves
+    at once (_leave); main itself returns, for callers in a Python process."""
+    code = main(argv)
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         _leave(code)
     return code
@@ -354,4 +360,4 @@ def one_line(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from imm_fast.__main__ import main, parse_overrides
+from imm_fast.__main__ import cli, main, parse_overrides
 
 TINY = ["model.depth=1", "model.hidden_size=32", "model.num_heads=2", "batch_size=16", "max_steps=2",
         "sample.num_images=10", "sample.steps=[1]", "final_eval=false", "progress=false", "threads=1"]
@@ -251,8 +251,9 @@ def test_a_preempted_run_exits_with_the_signals_status(monkeypatch, capsys):
 
 
 def test_a_torchrun_worker_leaves_with_its_status_at_once(monkeypatch, capsys):
-    """Under torchrun (WORLD_SIZE > 1) the CLI ends with os._exit(status) after flushing its output: an error's
-    status 2 and a finished command's 0 reach the launcher, never an abort in the interpreter's teardown."""
+    """Under torchrun (WORLD_SIZE > 1) the command line (cli) ends with os._exit(status) after flushing its output:
+    an error's status 2 and a finished command's 0 reach the launcher, never an abort in the interpreter's
+    teardown. main, called from Python, returns."""
     left = []
 
     class Left(Exception):
@@ -265,10 +266,11 @@ def test_a_torchrun_worker_leaves_with_its_status_at_once(monkeypatch, capsys):
     monkeypatch.setattr("os._exit", fake_exit)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(Left):
-        main(["train", "batch_size=abc"])
+        cli(["train", "batch_size=abc"])
     assert left == [2] and "batch_size" in capsys.readouterr().err
     with pytest.raises(Left):
-        main(["config", "--preset", "digits"])
+        cli(["config", "--preset", "digits"])
     assert left == [2, 0]
-    monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["config", "--preset", "digits"]) == 0 and left == [2, 0]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert cli(["config", "--preset", "digits"]) == 0 and left == [2, 0]
