@@ -522,7 +522,8 @@ def table(models, cards=("H100 SXM", "H200")) -> str:
         for name in cards:
             x = bounds(m, CARDS[name])
             rows.append(f"| {m['case'].op} | {m['case'].label} | {name} | {m['case'].floor_bytes / 1e6:.1f} | "
-                        f"{x['design_bytes'] / 1e6:.1f} | {x['l2_bytes'] / 1e6:.1f} | {x['floor_us']:.1f} | {x['design_us']:.1f} | "
+                        f"{x['design_bytes'] / 1e6:.1f} | {x['l2_bytes'] / 1e6:.1f} | {x['floor_us']:.1f} | "
+                        f"{x['design_us']:.1f} | "
                         f"{x['shfl_us']:.1f} | {x['bound_us']:.1f} | {100 * x['of_floor']:.0f}% | {s:.1f}, {b:.1f} |")
     return "\n".join(rows)
 

@@ -502,8 +502,8 @@ def test_imm_training_backward_has_nothing_to_rescale(monkeypatch, grad_accum):
     grads = []
     for backend in ("triton", "torch"):
         m.zero_grad(set_to_none=True)
-        out = imm_loss(m, x, None, LossConfig(group_size=4, backend=backend), generator=torch.Generator().manual_seed(2),
-                       grad_accum=grad_accum)
+        out = imm_loss(m, x, None, LossConfig(group_size=4, backend=backend),
+                       generator=torch.Generator().manual_seed(2), grad_accum=grad_accum)
         (out.loss / grad_accum).backward()
         grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
     assert len(seen) == 1 and bool((seen[0] == 1).all()), seen
