@@ -122,23 +122,24 @@ def _masked_group_mmd(y_t, y_r, row_ok, w, scale, M, cfg, grad_accum=1):
     group_ok = (row_ok & torch.isfinite(y_t.detach()).all(1) & torch.isfinite(y_r).all(1)).reshape(G, M).all(1)
     rows = group_ok.repeat_interleave(M)[:, None]  # (B, 1)
     zero_y = torch.zeros((), dtype=y_t.dtype, device=y_t.device)
+    w_dt = w.to(y_t.dtype)  # (G,) in mmd's dtype
     mmd = mmd_loss(torch.where(rows, y_t, zero_y), torch.where(rows, y_r.to(y_t.dtype), zero_y), M,
                    scale=scale.float(), eps=cfg.kernel_eps, kernel=cfg.kernel, reduction="none",
-                   backend=cfg.backend, grad_hint=_mmd_grad_hint(w, G, grad_accum, y_t))  # (G,)
-    contrib = w.to(mmd.dtype) * mmd  # (G,)
+                   backend=cfg.backend, grad_hint=w_dt * _mean_grad(G, grad_accum, y_t.dtype))  # (G,)
+    contrib = w_dt * mmd  # (G,)
     ok = group_ok & torch.isfinite(contrib)  # (G,)
     per_group = torch.where(ok, contrib, torch.zeros((), dtype=contrib.dtype, device=contrib.device))
     return per_group, mmd, group_ok, ok
 
 
-def _mmd_grad_hint(w, G, grad_accum, like):
-    """(G,): the gradient (loss / grad_accum).backward() brings to MMD2_g through the lines of imm_loss below
-    (divide, mean, where, times w(s,t)), in the same operations, so mmd_loss's kernel can store its gradient
-    already scaled (a wrong hint costs one pass over the gradient, never a value)."""
-    g = torch.ones(G, dtype=like.dtype, device=like.device)
+def _mean_grad(G, grad_accum, dtype) -> float:
+    """What (loss / grad_accum).backward() brings to each per-group term of imm_loss's mean, in dtype and in the
+    operations autograd runs (divide, then the mean's divide), worked out on the CPU: times w(s,t) it is the hint
+    that lets mmd_loss's kernel store its gradient already scaled (a wrong hint costs a pass, never a value)."""
+    g = torch.ones((), dtype=dtype)
     if grad_accum != 1:
         g = g / grad_accum
-    return (g / G) * w.to(like.dtype)
+    return (g / G).item()
 
 
 def imm_loss(model, x, labels=None, cfg: LossConfig = LossConfig(), *, target_model=None, generator=None,

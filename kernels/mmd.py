@@ -154,6 +154,14 @@ def _pair_terms(q, s, inv_D, eps, RBF: tl.constexpr, LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _safe_coef(c):
+    """The coefficient a kernel folds: c, or 1 where c is 0, subnormal, infinite or NaN (a stored gradient scaled
+    by such a c would lose its information). imm_fast.ops.mmd.safe_coef is the same rule in torch."""
+    a = tl.abs(c)
+    return tl.where((a >= 1.1754943508222875e-38) & (a <= 3.4028234663852886e38), c, 1.0)
+
+
+@triton.jit
 def _level_terms(acc, bad, scr_ptr, M, s, c, inv_D, inv_m2, eps, N: tl.constexpr, H: tl.constexpr,
                  RBF: tl.constexpr, LIBDEVICE: tl.constexpr):
     """Level H of the 2MP = N stacked rows after pass 1: writes sigma_a sigma_b (k - 1) of its pairs, both orders,
@@ -221,7 +229,7 @@ def _mmd_fwd_kernel(
     gy_ptr,       # (B, D) out, contiguous, dtype of y: c_g dMMD2_g/dy (untouched unless NEED_GY)
     mmd_ptr,      # (G,) out fp32: MMD2_g (unscaled)
     scale_ptr,    # (G,) fp32: kernel scale s_g (w~ in the paper)
-    coef_ptr,     # (G,) fp32: c_g, folded into the gradients written (c_g dMMD2_g/dx; 1 = the plain gradient)
+    coef_ptr,     # (G,) fp32: c_g, folded into the gradients written (safe_coef(c_g) dMMD2_g/dx; 1: the plain one)
     scr_ptr,      # (programs, 2, 2MP, 2MP) fp32 scratch: one group's sigma_a sigma_b (k(z_a, z_b) - 1), then W
     stride_x,     # elements between rows of x
     stride_y,     # elements between rows of y
@@ -272,7 +280,7 @@ def _mmd_fwd_kernel(
         # (through a per-program scratch) row by row: k(x_i, x_j) - k(x_i, y_j) cancel early when y ~ x, where
         # summing level by level would add O(1) partial sums whose difference is the ~1e-7 result.
         s = tl.load(scale_ptr + g)
-        c = tl.load(coef_ptr + g)
+        c = _safe_coef(tl.load(coef_ptr + g))
         bad = tl.sum(chk, axis=0) != 0.0  # NaN != 0
         scr = scr_ptr + tl.program_id(0) * (2 * N * N)
         rows = tl.arange(0, N)
@@ -372,7 +380,7 @@ def _mmd_rows_kernel(
             d = zi[:, None, :] - zj[None, :, :]
             acc += d * d
         s = tl.load(scale_ptr + g)
-        c = tl.load(coef_ptr + g)
+        c = _safe_coef(tl.load(coef_ptr + g))
         bad = tl.sum(chk, axis=0) != 0.0
         q = tl.sum(acc, axis=2)  # (BM, N), diagonal included (distance 0, floored)
         real_i = (blk0 + tl.arange(0, BM)) < M
@@ -513,13 +521,16 @@ def mmd_fwd(x2d, y2d, group_size, scale, eps, rbf, normalize_dim, need_gx, need_
 def _mmd_rescale_kernel(
     g_ptr,        # (G, S) in/out, contiguous: group g's stored gradient c_g dMMD2_g/dz (S = M * D values)
     f_ptr,        # (G,) fp32: f_g = dL/dMMD2_g, what the gradient must be scaled by
-    c_ptr,        # (G,) fp32: c_g, what it is scaled by now
+    c_ptr,        # (G,) fp32: c_g, what it is scaled by now (the forward's coef, or an earlier backward's f)
     S,            # values per group
-    BLOCK: tl.constexpr,  # values per program
+    SAFE_C: tl.constexpr,  # c is the forward's coef: apply the forward's _safe_coef rule to it
+    BLOCK: tl.constexpr,   # values per program
 ):
     g = tl.program_id(0)
     f = tl.load(f_ptr + g)
     c = tl.load(c_ptr + g)
+    if SAFE_C:
+        c = _safe_coef(c)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     # f == c (the caller's hint was right): the mask is all false and the program moves no bytes.
     todo = offs < tl.where(f != c, S, 0)
@@ -528,9 +539,10 @@ def _mmd_rescale_kernel(
     tl.store(ptr, (z * tl.div_rn(f, c)).to(g_ptr.dtype.element_ty), mask=todo)
 
 
-def mmd_rescale_(g: torch.Tensor, f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def mmd_rescale_(g: torch.Tensor, f: torch.Tensor, c: torch.Tensor, safe_c: bool = True) -> torch.Tensor:
     """In place: the rows of group g of the contiguous (B, D) gradient g times f_g / c_g, skipped (no bytes
-    moved) where f_g == c_g (imm_fast.ops.mmd.rescale_factor is the same factor). Returns g. f, c: (G,)."""
+    moved) where f_g == c_g (imm_fast.ops.mmd.rescale_factor is the same factor). Returns g. f, c: (G,);
+    safe_c: c is the coef the forward folded (taken through the same _safe_coef rule), not an earlier f."""
     G = f.numel()
     if not g.is_contiguous() or g.numel() % max(G, 1):
         raise ValueError(f"g must be a contiguous gradient of G={G} equal groups, got shape {tuple(g.shape)}")
@@ -539,5 +551,6 @@ def mmd_rescale_(g: torch.Tensor, f: torch.Tensor, c: torch.Tensor) -> torch.Ten
     f = f.reshape(G).to(device=g.device, dtype=torch.float32).contiguous()
     c = c.reshape(G).to(device=g.device, dtype=torch.float32).contiguous()
     with device_guard(g):
-        _mmd_rescale_kernel[(G, triton.cdiv(S, BLOCK))](g, f, c, S, BLOCK=BLOCK, num_warps=4)
+        _mmd_rescale_kernel[(G, triton.cdiv(S, BLOCK))](g, f, c, S, SAFE_C=bool(safe_c), BLOCK=BLOCK,
+                                                         num_warps=4)
     return g

@@ -262,14 +262,27 @@ def _setup_context(ctx, inputs, output):
     # c_g, what the stored gradients are scaled by now (None: 1). Kept on ctx, not saved: an in-place backward
     # replaces it, and saved tensors may not change.
     ctx.folded = coef if coef is not None and _folds(_backend.launcher("mmd", backend, device_type)) else None
+    ctx.safe = True  # ctx.folded is the forward's coef, folded through the safe_coef rule
     ctx.mark_non_differentiable(gx, gy)
     ctx.set_materialize_grads(False)  # else autograd fills (B, D) zeros for the unused grads of gx and gy
 
 
-def rescale_factor(f: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(G,) fp32: what the backward multiplies group g's stored gradient by: 1 where f_g == c_g, else f_g / c_g
-    (kernels/mmd.py's mmd_rescale_ computes the same in place)."""
+_TINY, _MAX = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+
+
+def safe_coef(c: torch.Tensor) -> torch.Tensor:
+    """The coefficient the kernels fold: c, or 1 where c is 0, subnormal, infinite or NaN (a gradient scaled by
+    such a c would lose its information); kernels/mmd.py's _safe_coef is the same rule."""
+    a = c.abs()
+    return torch.where((a >= _TINY) & (a <= _MAX), c, torch.ones_like(c))
+
+
+def rescale_factor(f: torch.Tensor, c: torch.Tensor, safe_c: bool = True) -> torch.Tensor:
+    """(G,) fp32: what the backward multiplies group g's stored gradient by: 1 where f_g == c_g, else f_g / c_g,
+    with c through safe_coef when it is the forward's coef (kernels/mmd.py's mmd_rescale_ does the same in
+    place)."""
     f, c = f.float(), c.float()
+    c = safe_coef(c) if safe_c else c
     return torch.where(f == c, torch.ones_like(f), f / c)
 
 
@@ -301,11 +314,11 @@ def _backward(ctx, g_mmd2, g_gx, g_gy):
         from ..kernels.mmd import mmd_rescale_
 
         for gz in stored:
-            mmd_rescale_(gz, f, c)
-        ctx.folded = f
+            mmd_rescale_(gz, f, c, ctx.safe)
+        ctx.folded, ctx.safe = f, False
         out = iter(stored)
     else:
-        k = rescale_factor(f, c).view(G, 1)
+        k = rescale_factor(f, c, ctx.safe).view(G, 1)
         # In fp32, rounded once to the gradient's dtype, as the in-place kernel does.
         out = iter([(gz.view(G, -1).float() * k).to(gz.dtype).view(gz.shape) for gz in stored])
     return tuple(next(out) if need else None for need in ctx.need) + (None,) * 9
@@ -367,19 +380,17 @@ def mmd_loss(x, y, group_size, scale=1.0, weight=None, eps=1e-4, kernel="laplace
 
 def _expected_grad(grad_hint, w, G, dt, reduction, like):
     """(G,) fp32: dL/dMMD2_g if the returned value's gradient is grad_hint, computed with the operations autograd
-    runs backward through mmd_loss's last lines (so a right hint matches bit for bit); 1 where that is 0 or not a
-    normal finite number (the stored gradient must keep its information)."""
+    runs backward through mmd_loss's last lines, so a right hint matches bit for bit (the kernels replace a 0 or
+    non-finite value by 1). A number: its share per group is worked out on the CPU, then one fill (and one product
+    with weight) on the device."""
     if isinstance(grad_hint, torch.Tensor):
         if reduction != "none" and grad_hint.numel() != 1:
             raise ValueError(f"grad_hint must be a float for reduction={reduction!r}, got shape "
                              f"{tuple(grad_hint.shape)}")
-        h = _as_group_vector(grad_hint.detach(), G, "grad_hint", like.new_empty(0, dtype=dt))
+        c = _as_group_vector(grad_hint.detach(), G, "grad_hint", like.new_empty(0, dtype=dt)).float()
+        c = c / G if reduction == "mean" else c
     else:
-        h = torch.full((G,), float(grad_hint), dtype=dt, device=like.device)
-    c = h.float()  # (the ToCopy of out.to(dt), backward)
-    if reduction == "mean":
-        c = c / G
-    if w is not None:
-        c = c * w
-    ok = torch.isfinite(c) & (c.abs() >= torch.finfo(torch.float32).tiny)
-    return torch.where(ok, c, torch.ones_like(c))
+        h = torch.tensor(float(grad_hint), dtype=dt).float()  # the ToCopy of out.to(dt), backward
+        h = h / G if reduction == "mean" else h
+        c = torch.full((G,), h.item(), dtype=torch.float32, device=like.device)
+    return c if w is None else c * w
