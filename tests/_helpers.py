@@ -1,4 +1,7 @@
 """Shared test helpers."""
+import time
+
+import pytest
 import torch
 
 from imm_fast.config import ModelConfig
@@ -37,3 +40,17 @@ class NaNFirstGroup(torch.nn.Module):
     def forward(self, x, t, s, class_labels=None, force_fp32=False):
         y = self.inner(x, t, s, class_labels=class_labels)
         return torch.cat([y[:2] * float("nan"), y[2:]]) if force_fp32 or not self.target_only else y
+
+
+def assert_load_refused(path, seconds, words):
+    """imm_fast.load_official(path) raises CheckpointError within `seconds`, the message naming the file and
+    every one of words (the loader's caps and checks act before anything large is allocated)."""
+    import imm_fast
+    from imm_fast.errors import CheckpointError
+
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as info:
+        imm_fast.load_official(path)
+    assert time.perf_counter() - t0 < seconds
+    for w in [path.name] + list(words):
+        assert w in str(info.value), (w, str(info.value))

@@ -19,6 +19,8 @@ import sys
 import tokenize
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # Python package name -> folder, as setup.py's package_dir maps them (kernels/ ships as imm_fast.kernels).
 PACKAGE_DIRS = {"imm_fast": ROOT / "imm_fast", "imm_fast.kernels": ROOT / "kernels"}
@@ -404,23 +406,12 @@ def latest_violations(modules: dict = None) -> list:
 
 
 # -------------------------------------------------------------------------------------------- real-tree checks
-def test_no_function_over_60_lines():
-    v = function_length_violations()
-    assert not v, "\n" + "\n".join(v)
-
-
-def test_no_import_circle():
-    v = cycle_violations()
-    assert not v, "\n" + "\n".join(v)
-
-
-def test_docs_cite_no_unshipped_spec_and_make_no_the_one_claims():
-    v = phrase_violations()
-    assert not v, "\n" + "\n".join(v)
-
-
-def test_exactly_one_module_reads_latest():
-    v = latest_violations()
+# no function over 60 lines; no import circle; docs cite no unshipped spec and make no "the one" claims; exactly
+# one module reads the latest pointer
+@pytest.mark.parametrize("check", [function_length_violations, cycle_violations, phrase_violations,
+                                   latest_violations], ids=lambda f: f.__name__)
+def test_the_real_tree_passes(check):
+    v = check()
     assert not v, "\n" + "\n".join(v)
 
 
